@@ -1,0 +1,36 @@
+"""Shared fixtures: offline, a private cache for the built-in models, the tiny tokenizers and helpers to run scripts."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("GLM_SFT_CACHE", str(REPO / ".pytest_cache" / "glm_sft"))
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def glm4_tokenizer():
+    from glm_sft.modeling import load_tokenizer
+
+    return load_tokenizer("builtin:tiny-glm4")[0]
+
+
+@pytest.fixture(scope="session")
+def chatglm3_tokenizer():
+    from glm_sft.modeling import load_tokenizer
+
+    return load_tokenizer("builtin:tiny-chatglm3")[0]
+
+
+def run_script(*args, cwd=REPO, timeout=600, input=None):
+    """Run a repository script with this Python, as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input
+    )
