@@ -1,0 +1,153 @@
+"""Recipe keys beside TRL's SFTConfig, and the one parser train.py and preview share."""
+
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+
+from glm_sft import UserError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="builtin:tiny-glm4",
+        metadata={"help": "Local directory, hub id (e.g. THUDM/glm-4-9b-chat-hf) or builtin:tiny-glm4 / builtin:tiny-chatglm3."},
+    )
+    template: str = field(
+        default="auto", metadata={"help": "Chat format: auto (from the tokenizer), glm4 or chatglm3."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: auto (bfloat16 for adapters when bf16 is on, else float32), bfloat16, "
+                  "float16, float32."},
+    )
+    finetuning_type: str = field(default="lora", metadata={"help": "lora or full."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target: str = field(
+        default="all",
+        metadata={"help": "Comma-separated module names to adapt, or all (every linear layer but the output head). "
+                  "ChatGLM names (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are accepted."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default=None,
+        metadata={"help": "Training data: a .json/.jsonl/.csv/.parquet file, a folder, a comma list, or a hub id."},
+    )
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Evaluation data (same forms)."})
+    val_size: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction (0-1) or this many rows (>= 1) of the training data for evaluation."},
+    )
+    dataset_format: str = field(
+        default="auto", metadata={"help": "auto, messages, sharegpt, alpaca, firefly or columns."}
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column for the columns format (CSV)."})
+    response_column: str = field(default="response", metadata={"help": "Response column for the columns format."})
+    assistant_name: str | None = field(default=None, metadata={"help": "Fills {{name}} in self-cognition data."})
+    assistant_author: str | None = field(default=None, metadata={"help": "Fills {{author}} in self-cognition data."})
+    last_turn_only: bool = field(
+        default=False, metadata={"help": "Train only the last assistant turn of each conversation (default: all)."}
+    )
+    skip_invalid_rows: bool = field(
+        default=False, metadata={"help": "Skip invalid rows (counted and reported) instead of stopping."}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+
+def parse_recipe(argv: list[str] | None = None):
+    """(model_args, data_args, training_args, output_args) from `--config recipe.yaml` and command-line overrides.
+
+    YAML sets defaults, the command line overrides them; unknown keys in either are an error.
+    """
+    from trl import SFTConfig, TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser((ModelArguments, DataArguments, SFTConfig, OutputArguments))
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise UserError("--config needs the path of a recipe YAML file")
+        _check_recipe(argv[index + 1], parser)
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except ValueError as error:  # raised by the dataclasses' own checks (e.g. TrainingArguments)
+        raise UserError(str(error).splitlines()[0]) from None
+    model_args, data_args, training_args, _ = parsed
+    if not data_args.dataset_name:
+        raise UserError("no training data: set dataset_name in the recipe or pass --dataset_name FILE")
+    if model_args.finetuning_type not in ("lora", "full"):
+        raise UserError(f"finetuning_type {model_args.finetuning_type!r} is unknown; use lora or full")
+    return parsed
+
+
+def _check_recipe(path: str, parser) -> None:
+    """Readable errors for a recipe that is missing, is not YAML, or has keys no dataclass knows."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            recipe = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+    known = {action.dest for action in parser._actions} | {"env"}
+    unknown = sorted(key for key in recipe if key not in known)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; see python train.py --help for the keys")
+
+
+@dataclass
+class OutputArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into an output_dir that already holds a finished model (it is replaced)."},
+    )
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to train over a finished model unless asked to, so a re-run never silently destroys a result."""
+    from pathlib import Path
+
+    path = Path(output_dir)
+    finished = [name for name in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+                if (path / name).exists()]
+    if finished and not overwrite:
+        raise UserError(
+            f"{output_dir} already holds a finished model ({finished[0]}); pass --overwrite_output_dir true to replace "
+            "it, or choose another --output_dir"
+        )
+
+
+def save_recipe(path, *dataclass_objects) -> None:
+    """The resolved recipe (every key, after YAML and command line) as YAML, so a run can be repeated exactly."""
+    import dataclasses
+    import enum
+
+    def plain(value):
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return str(value)
+
+    recipe = {}
+    for obj in dataclass_objects:
+        for item in dataclasses.fields(obj):
+            if item.name.startswith("_") or item.name in recipe or item.name == "hub_token":
+                continue
+            recipe[item.name] = plain(getattr(obj, item.name))
+    with open(path, "w", encoding="utf-8") as file:
+        yaml.safe_dump(recipe, file, allow_unicode=True, sort_keys=False)

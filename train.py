@@ -1,0 +1,90 @@
+"""Fine-tune a GLM chat model.
+
+    python train.py --config recipes/demo.yaml                 # tiny built-in model, CPU, about a minute
+    python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any recipe key can be overridden
+    accelerate launch --config_file configs/zero2.yaml train.py --config recipes/glm4_lora.yaml
+"""
+
+from pathlib import Path
+
+from glm_sft import exit_on_user_error
+from glm_sft.arguments import check_output_dir, parse_recipe, save_recipe
+from glm_sft.data import read_datasets, tokenize_rows
+from glm_sft.modeling import (
+    build_peft_config,
+    count_parameters,
+    generation_config_for,
+    load_model,
+    load_tokenizer,
+    torch_dtype,
+)
+
+
+@exit_on_user_error
+def main(argv=None):
+    model_args, data_args, training_args, output_args = parse_recipe(argv)
+    check_output_dir(training_args.output_dir, output_args.overwrite_output_dir)
+
+    # Every data problem is reported here, before the tokenizer or the model is loaded.
+    train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
+
+    tokenizer, family = load_tokenizer(
+        model_args.model_name_or_path, model_args.template, training_args.trust_remote_code
+    )
+    tokenize = dict(
+        tokenizer=tokenizer,
+        max_length=training_args.max_length,
+        last_turn_only=data_args.last_turn_only,
+        num_proc=training_args.dataset_num_proc,
+    )
+    train_dataset = tokenize_rows(train_rows, name="train", **tokenize).select_columns(["input_ids", "labels"])
+    eval_dataset = None
+    if eval_rows:
+        eval_dataset = tokenize_rows(eval_rows, name="eval", **tokenize).select_columns(["input_ids", "labels"])
+
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=torch_dtype(model_args.dtype, model_args.finetuning_type, training_args.bf16),
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    generation_config = generation_config_for(tokenizer, family)
+    model.generation_config = generation_config
+
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=build_peft_config(model_args),
+    )
+    trainable, total = count_parameters(trainer.model)
+    world_batch = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+    trainer.accelerator.print(
+        f"model: {model_args.model_name_or_path} ({family} format), method: {model_args.finetuning_type}, "
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)\n"
+        f"effective batch size: {world_batch} = {training_args.per_device_train_batch_size} per device "
+        f"x {training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes"
+    )
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if eval_dataset is not None:
+        trainer.evaluate()
+
+    # The result: adapter or full model, tokenizer with the template, the family's stop ids, the resolved recipe.
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        output_dir = Path(training_args.output_dir)
+        generation_config.save_pretrained(output_dir)
+        save_recipe(output_dir / "recipe.yaml", model_args, data_args, training_args, output_args)
+        print(f"saved to {output_dir}; chat with: python chat_cli.py --{'adapter' if model_args.finetuning_type != 'full' else 'model'} {output_dir}")
+
+
+if __name__ == "__main__":
+    main()
