@@ -10,6 +10,7 @@ In the REPL: `clear` starts a new conversation, `exit` (or Ctrl-D) quits, Ctrl-C
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from threading import Thread
 
@@ -39,12 +40,18 @@ def parse_args(argv=None):
 def load_chat_model(args):
     """(model, tokenizer, stop ids) for a base/full model, or a base model with the adapter applied."""
     import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # keep the chat free of load-time chatter
+    transformers.utils.logging.disable_progress_bar()
 
     adapter = Path(args.adapter) if args.adapter else None
     recipe = {}
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{adapter}: not an adapter directory (no adapter_config.json); use --model for full models")
+            raise UserError(
+                f"{adapter}: not an adapter directory (no adapter_config.json); use --model for full models"
+            )
         adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
         base = args.model or adapter_config.get("base_model_name_or_path")
         if not base:
@@ -76,9 +83,11 @@ def load_chat_model(args):
 def fit_history(tokenizer, messages, budget: int):
     """Prompt ids for the conversation, dropping the oldest user/assistant rounds until it fits `budget` tokens."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     while True:
-        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            system + turns, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         if len(ids) <= budget or len(turns) <= 1:
             return ids[-budget:], system + turns
         turns = turns[2:]  # the oldest round: a user message and its reply
@@ -92,9 +101,11 @@ def generate_reply(model, tokenizer, stop_ids, messages, args, stream=None) -> s
     prompt_ids, kept = fit_history(tokenizer, messages, context - args.max_new_tokens)
     messages[:] = kept
     input_ids = torch.tensor([prompt_ids], device=model.device)
-    sampling = {"do_sample": False} if args.temperature == 0 else {
-        "do_sample": True, "temperature": args.temperature, "top_p": args.top_p
-    }
+    sampling = (
+        {"do_sample": False}
+        if args.temperature == 0
+        else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(
         input_ids=input_ids,
@@ -109,6 +120,10 @@ def generate_reply(model, tokenizer, stop_ids, messages, args, stream=None) -> s
     thread.start()
     pieces = []
     for piece in streamer:
+        if not pieces:
+            piece = piece.lstrip()  # the model opens its turn with a newline
+            if not piece:
+                continue
         pieces.append(piece)
         if stream is not None:
             stream.write(piece)
@@ -153,6 +168,7 @@ def repl(model, tokenizer, stop_ids, args):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     model, tokenizer, stop_ids = load_chat_model(args)
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

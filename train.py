@@ -1,13 +1,13 @@
 """Fine-tune a GLM chat model.
 
-    python train.py --config recipes/demo.yaml                 # tiny built-in model, CPU, about a minute
-    python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any recipe key can be overridden
-    accelerate launch --config_file configs/zero2.yaml train.py --config recipes/glm4_lora.yaml
+python train.py --config recipes/demo.yaml                 # tiny built-in model, CPU, about a minute
+python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any recipe key can be overridden
+accelerate launch --config_file configs/zero2.yaml train.py --config recipes/glm4_lora.yaml
 """
 
 from pathlib import Path
 
-from glm_sft import exit_on_user_error
+from glm_sft import UserError, exit_on_user_error
 from glm_sft.arguments import check_output_dir, parse_recipe, save_recipe
 from glm_sft.data import read_datasets, tokenize_rows
 from glm_sft.modeling import (
@@ -20,13 +20,18 @@ from glm_sft.modeling import (
 )
 
 
-@exit_on_user_error
-def main(argv=None):
+def build_trainer(argv=None):
+    """Everything up to training: recipe, data, tokenizer, model, trainer. Returns (trainer, recipe parts, extras)."""
     model_args, data_args, training_args, output_args = parse_recipe(argv)
     check_output_dir(training_args.output_dir, output_args.overwrite_output_dir)
 
     # Every data problem is reported here, before the tokenizer or the model is loaded.
     train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
+    if training_args.eval_strategy != "no" and not eval_rows:
+        raise UserError(
+            f"eval_strategy is {training_args.eval_strategy.value} but there is no eval data; set val_size or "
+            "eval_dataset_name, or pass --eval_strategy no"
+        )
 
     tokenizer, family = load_tokenizer(
         model_args.model_name_or_path, model_args.template, training_args.trust_remote_code
@@ -60,6 +65,13 @@ def main(argv=None):
         processing_class=tokenizer,
         peft_config=build_peft_config(model_args),
     )
+    return trainer, (model_args, data_args, training_args, output_args), (family, generation_config)
+
+
+@exit_on_user_error
+def main(argv=None):
+    trainer, recipe, (family, generation_config) = build_trainer(argv)
+    model_args, data_args, training_args, output_args = recipe
     trainable, total = count_parameters(trainer.model)
     world_batch = (
         training_args.per_device_train_batch_size
@@ -74,7 +86,7 @@ def main(argv=None):
     )
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if eval_dataset is not None:
+    if trainer.eval_dataset is not None:
         trainer.evaluate()
 
     # The result: adapter or full model, tokenizer with the template, the family's stop ids, the resolved recipe.
@@ -83,7 +95,8 @@ def main(argv=None):
         output_dir = Path(training_args.output_dir)
         generation_config.save_pretrained(output_dir)
         save_recipe(output_dir / "recipe.yaml", model_args, data_args, training_args, output_args)
-        print(f"saved to {output_dir}; chat with: python chat_cli.py --{'adapter' if model_args.finetuning_type != 'full' else 'model'} {output_dir}")
+        flag = "--model" if model_args.finetuning_type == "full" else "--adapter"
+        print(f"saved to {output_dir}; chat with: python chat_cli.py {flag} {output_dir}")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,19 @@ from glm_sft import UserError
 class ModelArguments:
     model_name_or_path: str = field(
         default="builtin:tiny-glm4",
-        metadata={"help": "Local directory, hub id (e.g. THUDM/glm-4-9b-chat-hf) or builtin:tiny-glm4 / builtin:tiny-chatglm3."},
+        metadata={
+            "help": "Local directory, hub id (THUDM/glm-4-9b-chat-hf) or builtin:tiny-glm4 / builtin:tiny-chatglm3."
+        },
     )
     template: str = field(
         default="auto", metadata={"help": "Chat format: auto (from the tokenizer), glm4 or chatglm3."}
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (bfloat16 for adapters when bf16 is on, else float32), bfloat16, "
-                  "float16, float32."},
+        metadata={
+            "help": "Weights dtype: auto (bfloat16 for adapters when bf16 is on, else float32), bfloat16, "
+            "float16, float32."
+        },
     )
     finetuning_type: str = field(default="lora", metadata={"help": "lora or full."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
@@ -28,8 +32,10 @@ class ModelArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
     lora_target: str = field(
         default="all",
-        metadata={"help": "Comma-separated module names to adapt, or all (every linear layer but the output head). "
-                  "ChatGLM names (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are accepted."},
+        metadata={
+            "help": "Comma-separated module names to adapt, or all (every linear layer but the output head). "
+            "ChatGLM names (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are accepted."
+        },
     )
 
 
@@ -42,7 +48,9 @@ class DataArguments:
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Evaluation data (same forms)."})
     val_size: float = field(
         default=0.0,
-        metadata={"help": "Hold out this fraction (0-1) or this many rows (>= 1) of the training data for evaluation."},
+        metadata={
+            "help": "Hold out this fraction (0-1) or this many rows (>= 1) of the training data for evaluation."
+        },
     )
     dataset_format: str = field(
         default="auto", metadata={"help": "auto, messages, sharegpt, alpaca, firefly or columns."}
@@ -118,12 +126,15 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     from pathlib import Path
 
     path = Path(output_dir)
-    finished = [name for name in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
-                if (path / name).exists()]
+    finished = [
+        name
+        for name in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+        if (path / name).exists()
+    ]
     if finished and not overwrite:
         raise UserError(
-            f"{output_dir} already holds a finished model ({finished[0]}); pass --overwrite_output_dir true to replace "
-            "it, or choose another --output_dir"
+            f"{output_dir} already holds a finished model ({finished[0]}); pass --overwrite_output_dir true to "
+            "replace it, or choose another --output_dir"
         )
 
 

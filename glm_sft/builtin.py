@@ -32,8 +32,19 @@ FAMILY_SPECS = {
         "family": "glm4",
         "leading_tokens": [],
         "special_tokens": [
-            "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-            "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+            "<|endoftext|>",
+            "[MASK]",
+            "[gMASK]",
+            "[sMASK]",
+            "<sop>",
+            "<eop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<|begin_of_image|>",
+            "<|end_of_image|>",
+            "<|begin_of_video|>",
             "<|end_of_video|>",
         ],
         "eos_token": "<|endoftext|>",
@@ -45,7 +56,15 @@ FAMILY_SPECS = {
         "family": "chatglm3",
         "leading_tokens": ["<unk>", "<s>", "</s>"],  # ids 0, 1, 2 as in ChatGLM3's sentencepiece model
         "special_tokens": [
-            "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+            "[MASK]",
+            "[gMASK]",
+            "[sMASK]",
+            "sop",
+            "eop",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
         ],
         "eos_token": "</s>",
         "pad_token": "<unk>",
@@ -63,6 +82,7 @@ MODEL_SIZE = {
     "head_dim": 64,
     "max_position_embeddings": 2048,
     "partial_rotary_factor": 0.5,  # rotary on half of each head, as in GLM
+    "initializer_range": 0.1,  # wider than usual so LoRA on random weights can reach confident predictions
 }
 VOCAB_SIZE = 6000
 
@@ -175,7 +195,7 @@ def builtin_path(name: str) -> Path:
     """Directory holding the built-in model `name` (`builtin:tiny-glm4`), building it on first use."""
     from glm_sft import UserError
 
-    short = name[len(PREFIX):] if is_builtin(name) else name
+    short = name[len(PREFIX) :] if is_builtin(name) else name
     if short not in FAMILY_SPECS:
         raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(builtin_names())}")
     target = cache_root() / "builtin" / f"{short}-{_fingerprint(short)}"

@@ -54,12 +54,13 @@ def _from_pretrained(loader, name: str, location: str, **kwargs):
     """Call loader.from_pretrained, turning 'not found / not reachable' into one message with the download command."""
     try:
         return loader.from_pretrained(location, **kwargs)
-    except OSError as error:
+    except OSError:
         if location != name or Path(location).exists():
             raise
         offline = " (offline mode: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise UserError(
-            f"model {name} is not a local directory and could not be fetched from the hub{offline}; {download_hint(name)}"
+            f"model {name} is not a local directory and could not be fetched from the hub{offline}; "
+            f"{download_hint(name)}"
         ) from None
 
 
@@ -80,8 +81,14 @@ def torch_dtype(name: str, finetuning_type: str, bf16: bool | None):
     if name == "auto":
         # A frozen base can live in bf16; fully trained weights stay fp32 masters under bf16 mixed precision.
         return torch.bfloat16 if bf16 and finetuning_type != "full" else torch.float32
-    dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-              "float32": torch.float32, "fp32": torch.float32}
+    dtypes = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
     if name not in dtypes:
         raise UserError(f"dtype {name!r} is unknown; use auto, bfloat16, float16 or float32")
     return dtypes[name]

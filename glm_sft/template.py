@@ -1,4 +1,4 @@
-"""Chat formats: which GLM family a tokenizer belongs to, its template and stop tokens, and the exact training labels."""
+"""Chat formats: which GLM family a tokenizer belongs to, its template, its stop tokens, the exact training labels."""
 
 from functools import cache
 from pathlib import Path
@@ -57,7 +57,7 @@ def stop_token_ids(tokenizer, family: str) -> list[int]:
 
 
 def render_training_example(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation's text, final turn closed with its end token, and the character spans of each assistant turn."""
+    """The conversation's text, final turn closed by its end token, and the character span of each assistant turn."""
     rendered, spans = render_jinja_template(
         [messages],
         chat_template=tokenizer.chat_template,

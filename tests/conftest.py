@@ -1,4 +1,4 @@
-"""Shared fixtures: offline, a private cache for the built-in models, the tiny tokenizers and helpers to run scripts."""
+"""Shared fixtures: offline mode, a private cache for the built-in models, the tiny tokenizers, a script runner."""
 
 import os
 import subprocess

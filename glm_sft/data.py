@@ -1,0 +1,708 @@
+"""Read training data into canonical conversations; every problem is reported as `path:line: what is wrong`.
+
+Input formats: ChatGLM3 / GLM-4 `messages` (role/content), ShareGPT (from/value), Alpaca, Firefly and a
+prompt/response column pair. Files: .json (a list, or one object per line), .jsonl, .csv, .parquet, folders of
+them, comma-separated lists of those, and hub dataset ids.
+"""
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glm_sft import UserError
+
+SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+DATASET_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "firefly", "columns")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+TOOL_ROLES = ("tool", "observation", "function", "function_call")
+PLACEHOLDER_RECIPE_KEYS = {"name": "assistant_name", "author": "assistant_author"}
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class DataError(UserError):
+    """Problems found in the data; str() lists them, one `path:line: what is wrong` per line."""
+
+    def __init__(self, problems: list[str], total: int | None = None):
+        self.problems = list(problems)
+        self.total = len(self.problems) if total is None else total
+        super().__init__("\n".join(_listing(self.problems, self.total)))
+
+
+@dataclass
+class DataStats:
+    read: int  # rows read from the files
+    used: int  # rows turned into conversations
+    skipped: int  # invalid rows skipped (only when skip_invalid_rows=True)
+
+
+def read_conversations(
+    spec: str,
+    *,
+    dataset_format: str = "auto",
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    placeholders: dict[str, str] | None = None,
+    skip_invalid_rows: bool = False,
+    max_problems: int = 20,
+) -> tuple[list[dict], DataStats]:
+    """Read every file named by `spec` into canonical conversations.
+
+    `spec` is a file, a folder (searched recursively), a hub dataset id, or a comma-separated list of those.
+    Each conversation is {"messages": [{"role", "content"}, ...], "source": "path:line"}. All problems in all
+    files are collected and raised together as one DataError. With skip_invalid_rows, invalid rows are
+    skipped and printed as warnings instead; problems with whole files still raise.
+    """
+    if dataset_format not in DATASET_FORMATS:
+        raise UserError(f"dataset_format must be one of {', '.join(DATASET_FORMATS)}; got {dataset_format!r}")
+    pieces = [piece.strip() for piece in (spec or "").split(",") if piece.strip()]
+    if not pieces:
+        raise UserError("no data named: give a file, a folder, a comma-separated list of them, or a hub dataset id")
+    max_problems = max(max_problems, 1)
+
+    reader = _ConversationReader(dataset_format, prompt_column, response_column, placeholders or {})
+    conversations = []
+    for piece in pieces:
+        conversations += reader.read_piece(piece)
+
+    if not skip_invalid_rows:
+        problems = [problem.text for problem in reader.problems]
+        if problems:
+            raise DataError(problems[:max_problems], total=len(problems))
+        return conversations, DataStats(read=reader.rows_read, used=len(conversations), skipped=0)
+
+    row_problems = [problem.text for problem in reader.problems if not problem.whole_file]
+    if row_problems:
+        print(f"warning: skipping {reader.invalid_rows} invalid rows:", file=sys.stderr)
+        for line in _listing(row_problems[:max_problems], len(row_problems)):
+            print(f"  {line}", file=sys.stderr)
+    file_problems = [problem.text for problem in reader.problems if problem.whole_file]
+    if file_problems:
+        raise DataError(file_problems[:max_problems], total=len(file_problems))
+    if not conversations:
+        raise DataError([f"{spec}: no valid rows; all {reader.invalid_rows} rows were invalid (see the warnings)"])
+    return conversations, DataStats(read=reader.rows_read, used=len(conversations), skipped=reader.invalid_rows)
+
+
+def _listing(problems: list[str], total: int) -> list[str]:
+    """The problems, then a line counting those left out."""
+    left_out = total - len(problems)
+    if left_out <= 0:
+        return list(problems)
+    return [*problems, f"... and {left_out} more problem{'' if left_out == 1 else 's'}"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the rows come from: files, folders, hub datasets. Each yields (line, row) pairs.
+
+
+@dataclass
+class _BadRow:
+    """A row that could not be parsed at all."""
+
+    problem: str
+
+
+class _UnreadableFile(Exception):
+    """Reading a file had to stop; `line` says where, when it is known."""
+
+    def __init__(self, problem: str, line: int | None = None):
+        super().__init__(problem)
+        self.problem = problem
+        self.line = line
+
+
+@dataclass
+class _Source:
+    shown: str  # the name problems and `source` use: the path as the user wrote it
+    rows: Callable[[], Iterator[tuple[int, Any]]]
+    tabular: bool  # every row has the same keys (CSV, parquet, hub), so a format problem is reported once
+
+
+def _resolve(piece: str) -> tuple[list[_Source], str | None]:
+    """The sources one comma-separated piece of the spec names, or a problem saying why there are none."""
+    path = Path(os.path.expanduser(piece))
+    if path.is_dir():
+        names = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file())
+        files = [
+            name
+            for name in names
+            if Path(name).suffix.lower() in SUPPORTED_EXTENSIONS
+            and not any(part.startswith(".") for part in Path(name).parts)  # skips .ipynb_checkpoints, .cache
+        ]
+        if not files:
+            return [], f"{piece}: the folder has no {_extension_list()} files"
+        return [_file_source(os.path.join(piece, name), path / name) for name in files], None
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            kind = f'"{path.suffix}"' if path.suffix else "(no extension)"
+            return [], f"{piece}: unsupported file type {kind}; use a {_extension_list()} file"
+        return [_file_source(piece, path)], None
+    if _HUB_ID.fullmatch(piece) and not piece.lower().endswith(SUPPORTED_EXTENSIONS):
+        return _hub_source(piece)
+    return [], f"{piece}: no such file or folder"
+
+
+def _extension_list() -> str:
+    return ", ".join(SUPPORTED_EXTENSIONS[:-1]) + " or " + SUPPORTED_EXTENSIONS[-1]
+
+
+def _file_source(shown: str, path: Path) -> _Source:
+    extension = path.suffix.lower()
+    if extension == ".parquet":
+        return _Source(shown, lambda: _parquet_rows(path), tabular=True)
+    if extension == ".csv":
+        return _Source(shown, lambda: _csv_rows(_read_text(path)), tabular=True)
+    if extension == ".jsonl":
+        return _Source(shown, lambda: _json_lines_rows(_read_text(path)), tabular=False)
+    return _Source(shown, lambda: _json_rows(_read_text(path)), tabular=False)
+
+
+def _hub_source(dataset_id: str) -> tuple[list[_Source], str | None]:
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(dataset_id, split="train")
+    except Exception as error:  # noqa: BLE001 (no network, no such dataset, no train split: all for the user to fix)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return [], (
+            f"{dataset_id}: not a local file or folder, and the hub dataset could not be loaded ({reason[:200]})"
+        )
+    return [_Source(dataset_id, lambda: enumerate(dataset, 1), tabular=True)], None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise _UnreadableFile(f"not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise _UnreadableFile(f"cannot be read ({error.strerror})") from None
+
+
+def _json_rows(text: str) -> Iterator[tuple[int, Any]]:
+    """A .json file: a list of objects, or (when it does not start with `[`) one object per line."""
+    if text.lstrip().startswith("["):
+        yield from _json_list_rows(text)
+        return
+    first_line = next((line for line in text.split("\n") if line.strip()), "")
+    if (
+        first_line.lstrip().startswith("{")
+        and _json_or_none(first_line) is None
+        and isinstance(_json_or_none(text), dict)
+    ):
+        raise _UnreadableFile(
+            "holds a single JSON object; expected a list of objects ([{...}, {...}]) or one object per line"
+        )
+    yield from _json_lines_rows(text)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _json_lines_rows(text: str) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            yield number, _BadRow(f"not valid JSON ({error.msg} at column {error.colno})")
+
+
+def _json_list_rows(text: str) -> Iterator[tuple[int, Any]]:
+    """The elements of a JSON list, each with the line where it starts; a syntax error stops the file."""
+    decoder = json.JSONDecoder()
+    position = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    line, counted_to = 1, 0
+    try:
+        if text.startswith("]", position):
+            position += 1
+        else:
+            while True:
+                line += text.count("\n", counted_to, position)
+                counted_to = position
+                element, position = decoder.raw_decode(text, position)
+                yield line, element
+                position = _JSON_SPACE.match(text, position).end()
+                if text.startswith(",", position):
+                    position = _JSON_SPACE.match(text, position + 1).end()
+                elif text.startswith("]", position):
+                    position += 1
+                    break
+                else:
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+        position = _JSON_SPACE.match(text, position).end()
+        if position < len(text):
+            raise json.JSONDecodeError("Extra data", text, position)
+    except json.JSONDecodeError as error:
+        raise _UnreadableFile(
+            f"not valid JSON ({error.msg} at column {error.colno}); stopped reading this file", line=error.lineno
+        ) from None
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, Any]]:
+    """CSV records as dicts keyed by the header, each with the line where the record starts (the header is line 1)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = None
+    next_start = 1
+    try:
+        for values in reader:
+            start, next_start = next_start, reader.line_num + 1
+            if not values:  # a blank line
+                continue
+            if header is None:
+                header = values
+            elif len(values) != len(header):
+                fields = f"{len(values)} field" if len(values) == 1 else f"{len(values)} fields"
+                problem = f"has {fields} but the header has {len(header)} columns; quote fields that hold commas"
+                yield start, _BadRow(problem)
+            else:
+                yield start, dict(zip(header, values, strict=True))
+    except csv.Error as error:
+        raise _UnreadableFile(f"not valid CSV ({error}); stopped reading this file", line=next_start) from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        raise _UnreadableFile(f"not a readable parquet file ({str(error).strip().splitlines()[0]})") from None
+    yield from enumerate(table.to_pylist(), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From rows to conversations.
+
+
+@dataclass
+class _Problem:
+    text: str
+    whole_file: bool = False  # raised even when invalid rows are skipped
+
+
+@dataclass
+class _Turn:
+    """One message on its way into a conversation; `label` names it in problems (`message 3 (user)`)."""
+
+    role: str
+    content: Any
+    label: str
+
+
+class _ConversationReader:
+    """Reads sources one after another, collecting every problem in file and line order."""
+
+    def __init__(self, dataset_format: str, prompt_column: str, response_column: str, placeholders: dict):
+        self.dataset_format = dataset_format
+        self.prompt_column = prompt_column
+        self.response_column = response_column
+        self.placeholders = placeholders
+        self.problems: list[_Problem] = []
+        self.rows_read = 0
+        self.invalid_rows = 0
+
+    def read_piece(self, piece: str) -> list[dict]:
+        sources, problem = _resolve(piece)
+        if problem:
+            self.problems.append(_Problem(problem, whole_file=True))
+        conversations = []
+        for source in sources:
+            conversations += self.read_source(source)
+        return conversations
+
+    def read_source(self, source: _Source) -> list[dict]:
+        conversations = []
+        row_format = None if self.dataset_format == "auto" else self.dataset_format
+        rows_in_source = 0
+        missing_placeholders_reported = set()
+        try:
+            for line, row in source.rows():
+                rows_in_source += 1
+                self.rows_read += 1
+                where = f"{source.shown}:{line}"
+                if row_format is None and isinstance(row, dict):
+                    row_format = self.detect_format(row)
+                    if row_format is None and source.tabular:  # every row has these keys: say it once
+                        self.problems.append(_Problem(f"{where}: {self.unknown_format(row)}", whole_file=True))
+                        return conversations
+                messages, problems = self.convert_row(row, row_format)
+                if problems:
+                    self.invalid_rows += 1
+                    self.problems += [_Problem(f"{where}: {problem}") for problem in problems]
+                    continue
+                for name in self.fill_placeholders(messages):
+                    if name not in missing_placeholders_reported:
+                        missing_placeholders_reported.add(name)
+                        key = PLACEHOLDER_RECIPE_KEYS[name]
+                        self.problems.append(
+                            _Problem(
+                                f"{where}: uses {{{{{name}}}}} but no value is set; "
+                                f"set {key} in the recipe (or --{key})",
+                                whole_file=True,
+                            )
+                        )
+                conversations.append({"messages": messages, "source": where})
+        except _UnreadableFile as error:
+            where = source.shown if error.line is None else f"{source.shown}:{error.line}"
+            self.problems.append(_Problem(f"{where}: {error.problem}", whole_file=True))
+            return conversations
+        if rows_in_source == 0:
+            self.problems.append(_Problem(f"{source.shown}: no rows", whole_file=True))
+        return conversations
+
+    def detect_format(self, row: dict) -> str | None:
+        if row.get("messages") is not None:
+            return "messages"
+        conversations = row.get("conversations")
+        if conversations is not None:
+            if isinstance(conversations, list) and any(
+                isinstance(item, dict) and "from" in item for item in conversations
+            ):
+                return "sharegpt"
+            return "messages"
+        if row.get("instruction") is not None and row.get("output") is not None:
+            return "alpaca"
+        if row.get("conversation") is not None:
+            return "firefly"
+        if self.prompt_column in row and self.response_column in row:
+            return "columns"
+        return None
+
+    def unknown_format(self, row: dict) -> str:
+        return (
+            f"cannot tell the format of this row (keys: {', '.join(map(str, row)) or 'none'}); expected "
+            f"messages/conversations, instruction+output (alpaca), conversation (firefly) or the columns "
+            f"{self.prompt_column}/{self.response_column}; set dataset_format to choose"
+        )
+
+    def convert_row(self, row: Any, row_format: str | None) -> tuple[list[dict], list[str]]:
+        """The row's canonical messages, or the problems that keep it from being one."""
+        if isinstance(row, _BadRow):
+            return [], [row.problem]
+        if not isinstance(row, dict):
+            return [], [f"expected a JSON object, got {_type_name(row)}"]
+        if row_format is None:
+            return [], [self.unknown_format(row)]
+        tool_reason = _tool_calling_reason(row)
+        if tool_reason:
+            return [], [f"tool-calling rows are not supported yet ({tool_reason})"]
+        if row_format == "messages":
+            turns, problems = _turns_from_messages(row)
+        elif row_format == "sharegpt":
+            turns, problems = _turns_from_sharegpt(row)
+        elif row_format == "alpaca":
+            turns, problems = _turns_from_alpaca(row)
+        elif row_format == "firefly":
+            turns, problems = _turns_from_firefly(row)
+        else:
+            turns, problems = _turns_from_columns(row, self.prompt_column, self.response_column)
+        if problems:
+            return [], problems
+        problems = _conversation_problems(turns)
+        if problems:
+            return [], problems
+        # An empty system message renders nothing in the GLM formats, so leaving it out loses nothing.
+        return [
+            {"role": turn.role, "content": turn.content}
+            for turn in turns
+            if turn.role != "system" or turn.content.strip()
+        ], []
+
+    def fill_placeholders(self, messages: list[dict]) -> list[str]:
+        """Fill {{name}} and {{author}} in place; return the placeholders used that have no value."""
+        missing = []
+
+        def value_for(match: re.Match) -> str:
+            value = self.placeholders.get(match.group(1))
+            if isinstance(value, str) and value.strip():
+                return value
+            if match.group(1) not in missing:
+                missing.append(match.group(1))
+            return match.group(0)
+
+        for message in messages:
+            message["content"] = _PLACEHOLDER.sub(value_for, message["content"])
+        return [name for name in PLACEHOLDER_RECIPE_KEYS if name in missing]
+
+
+def _tool_calling_reason(row: dict) -> str | None:
+    """What makes this a tool-calling row, or None when it is not one."""
+    if _is_set(row.get("tools")):
+        return 'the row has "tools"'
+    for key in ("messages", "conversations"):
+        messages = row.get(key)
+        if not isinstance(messages, list):
+            continue
+        for number, message in enumerate(messages, 1):
+            if not isinstance(message, dict):
+                continue
+            for field in ("role", "from"):
+                if message.get(field) in TOOL_ROLES:
+                    return f'message {number} has {field} "{message[field]}"'
+            for field in ("metadata", "tool_calls", "tools"):
+                if _is_set(message.get(field)):
+                    return f'message {number} has "{field}"'
+    return None
+
+
+def _is_set(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list | dict):
+        return bool(value)
+    return value is not None
+
+
+def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
+    key = "messages" if row.get("messages") is not None else "conversations"
+    messages = row.get(key)
+    if messages is None:
+        return [], ['row has no "messages" or "conversations" list']
+    if not isinstance(messages, list):
+        return [], [f'"{key}" is of type {_type_name(messages)}; expected a list of messages']
+    turns, problems = [], []
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            problems.append(
+                f"message {number} is of type {_type_name(message)}; expected an object with role and content"
+            )
+        elif "role" not in message:
+            problems.append(f'message {number} has no "role" (keys: {", ".join(map(str, message))})')
+        elif not isinstance(message["role"], str) or message["role"] not in ROLES:
+            problems.append(f"message {number} has role {_shown(message['role'])}; expected one of {', '.join(ROLES)}")
+        elif "content" not in message:
+            problems.append(f'message {number} ({message["role"]}) has no "content"')
+        else:
+            turns.append(_Turn(message["role"], message["content"], f"message {number} ({message['role']})"))
+    return turns, problems
+
+
+def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
+    messages = row.get("conversations")
+    if messages is None:
+        return [], ['sharegpt row has no "conversations" list']
+    if not isinstance(messages, list):
+        return [], [f'"conversations" is of type {_type_name(messages)}; expected a list of messages']
+    turns, problems = _system_turn(row), []
+    for number, message in enumerate(messages, 1):
+        speaker = message.get("from") if isinstance(message, dict) else None
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+        if not isinstance(message, dict):
+            problems.append(
+                f"message {number} is of type {_type_name(message)}; expected an object with from and value"
+            )
+        elif "from" not in message:
+            problems.append(f'message {number} has no "from" (keys: {", ".join(map(str, message))})')
+        elif role is None:
+            problems.append(f"message {number} is from {_shown(speaker)}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        elif "value" not in message:
+            problems.append(f'message {number} ({speaker}) has no "value"')
+        else:
+            turns.append(_Turn(role, message["value"], f"message {number} ({speaker})"))
+    return turns, problems
+
+
+def _turns_from_alpaca(row: dict) -> tuple[list[_Turn], list[str]]:
+    problems = [f'alpaca row has no "{key}"' for key in ("instruction", "output") if row.get(key) is None]
+    if problems:
+        return [], problems
+    turns = _system_turn(row)
+    history = row.get("history")
+    if history is not None and not isinstance(history, list):
+        return [], [f'"history" is of type {_type_name(history)}; expected a list of [question, answer] pairs']
+    for number, pair in enumerate(history or [], 1):
+        if isinstance(pair, list) and len(pair) == 2:
+            turns.append(_Turn("user", pair[0], f"history pair {number} question"))
+            turns.append(_Turn("assistant", pair[1], f"history pair {number} answer"))
+        else:
+            problems.append(f"history pair {number} is not a [question, answer] pair: {_shown(pair)[:80]}")
+
+    instruction, extra_input = row["instruction"], row.get("input")
+    if extra_input is not None and not isinstance(extra_input, str):
+        problems.append(f'"input" is of type {_type_name(extra_input)}; expected a string')
+    elif isinstance(instruction, str) and extra_input and extra_input.strip():
+        instruction = f"{instruction}\n\n{extra_input}" if instruction.strip() else extra_input
+    turns.append(_Turn("user", instruction, '"instruction"'))
+    turns.append(_Turn("assistant", row["output"], '"output"'))
+    return turns, problems
+
+
+def _turns_from_firefly(row: dict) -> tuple[list[_Turn], list[str]]:
+    exchanges = row.get("conversation")
+    if exchanges is None:
+        return [], ['firefly row has no "conversation" list']
+    if not isinstance(exchanges, list):
+        return [], [f'"conversation" is of type {_type_name(exchanges)}; expected a list of human/assistant turns']
+    turns, problems = _system_turn(row), []
+    for number, exchange in enumerate(exchanges, 1):
+        if not isinstance(exchange, dict):
+            problems.append(
+                f"conversation turn {number} is of type {_type_name(exchange)}; expected an object with human "
+                f"and assistant"
+            )
+            continue
+        missing = [key for key in ("human", "assistant") if key not in exchange]
+        if missing:
+            problems.append(f'conversation turn {number} has no "{missing[0]}"')
+            continue
+        turns.append(_Turn("user", exchange["human"], f'conversation turn {number} "human"'))
+        turns.append(_Turn("assistant", exchange["assistant"], f'conversation turn {number} "assistant"'))
+    return turns, problems
+
+
+def _turns_from_columns(row: dict, prompt_column: str, response_column: str) -> tuple[list[_Turn], list[str]]:
+    problems = [
+        f'row has no "{column}" column (keys: {", ".join(map(str, row))}); set {option} to the column that holds it'
+        for column, option in ((prompt_column, "prompt_column"), (response_column, "response_column"))
+        if column not in row
+    ]
+    if problems:
+        return [], problems
+    return [
+        _Turn("user", row[prompt_column], f'column "{prompt_column}"'),
+        _Turn("assistant", row[response_column], f'column "{response_column}"'),
+    ], []
+
+
+def _system_turn(row: dict) -> list[_Turn]:
+    """The optional top-level `system` of sharegpt, alpaca and firefly rows."""
+    return [] if row.get("system") is None else [_Turn("system", row["system"], '"system"')]
+
+
+def _conversation_problems(turns: list[_Turn]) -> list[str]:
+    problems = []
+    for turn in turns:
+        if not isinstance(turn.content, str):
+            problems.append(f"{turn.label} has content of type {_type_name(turn.content)}; expected a string")
+        elif turn.role != "system" and not turn.content.strip():
+            problems.append(f"{turn.label} has empty content")
+    if problems:
+        return problems
+    kept = [turn for turn in turns if turn.role != "system" or turn.content.strip()]
+    for turn in kept[1:]:
+        if turn.role == "system":
+            problems.append(f"{turn.label} is a system message after the start; only the first message may be one")
+    if not any(turn.role == "assistant" for turn in kept):
+        problems.append("no assistant message; nothing to train on")
+    elif kept[-1].role != "assistant":
+        problems.append(f"the conversation ends with {kept[-1].label}; it must end with an assistant reply")
+    return problems
+
+
+def _type_name(value: Any) -> str:
+    """The JSON name of a value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+# ---- from conversations to the tokenized datasets the trainer sees ----
+
+
+def read_datasets(data_args, *, seed: int) -> tuple[list[dict], list[dict] | None]:
+    """Read and validate training (and eval) rows before anything heavy loads; split off eval rows by ratio."""
+    options = {
+        "dataset_format": data_args.dataset_format,
+        "prompt_column": data_args.prompt_column,
+        "response_column": data_args.response_column,
+        "placeholders": {"name": data_args.assistant_name or "", "author": data_args.assistant_author or ""},
+        "skip_invalid_rows": data_args.skip_invalid_rows,
+    }
+    train_rows, stats = read_conversations(data_args.dataset_name, **options)
+    report = f"data: {stats.read} rows read from {data_args.dataset_name}"
+    if stats.skipped:
+        report += f", {stats.skipped} invalid rows skipped"
+    if data_args.max_samples is not None and data_args.max_samples < len(train_rows):
+        report += f", first {data_args.max_samples} kept (max_samples)"
+        train_rows = train_rows[: data_args.max_samples]
+    eval_rows = None
+    if data_args.eval_dataset_name:
+        if data_args.val_size:
+            raise UserError("set either eval_dataset_name or val_size, not both")
+        eval_rows, eval_stats = read_conversations(data_args.eval_dataset_name, **options)
+        report += f"; {eval_stats.read} eval rows read from {data_args.eval_dataset_name}"
+    elif data_args.val_size:
+        train_rows, eval_rows = split_rows(train_rows, data_args.val_size, seed)
+        report += f"; {len(eval_rows)} held out for evaluation (val_size={data_args.val_size})"
+    print(report, file=sys.stderr)
+    return train_rows, eval_rows
+
+
+def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random hold-out of `val_size` (a fraction below 1, or a count); both parts keep file order."""
+    import random
+
+    count = int(val_size) if val_size >= 1 else round(len(rows) * val_size)
+    if val_size < 0 or count < 1 or count >= len(rows):
+        raise UserError(f"val_size={val_size} leaves no training or no evaluation rows out of {len(rows)}")
+    held_out = set(random.Random(seed).sample(range(len(rows)), count))
+    train = [row for index, row in enumerate(rows) if index not in held_out]
+    evaluation = [row for index, row in enumerate(rows) if index in held_out]
+    return train, evaluation
+
+
+def tokenize_rows(
+    rows: list[dict],
+    tokenizer,
+    *,
+    max_length: int | None,
+    last_turn_only: bool,
+    name: str,
+    num_proc: int | None = None,
+):
+    """A datasets.Dataset with input_ids, labels, text and source; rows left without a trained token are dropped."""
+    from datasets import Dataset
+
+    from glm_sft.template import IGNORE_INDEX, encode_conversation
+
+    def encode(row):
+        return encode_conversation(tokenizer, row["messages"], max_length=max_length, last_turn_only=last_turn_only)
+
+    dataset = Dataset.from_list(rows).map(
+        encode, remove_columns=["messages"], num_proc=num_proc, desc=f"Tokenizing {name} rows"
+    )
+    truncated = sum(dataset["truncated"])
+    trained = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]
+    dropped = len(trained) - sum(trained)
+    dataset = dataset.select([index for index, keep in enumerate(trained) if keep]).remove_columns("truncated")
+    report = f"{name}: {len(dataset)} rows used"
+    if truncated:
+        report += f", {truncated} truncated to max_length={max_length}"
+    if dropped:
+        report += f", {dropped} dropped because truncation left no trained token (raise max_length)"
+    print(report, file=sys.stderr)
+    if len(dataset) == 0:
+        raise UserError(f"no {name} rows left to train on; raise max_length (now {max_length})")
+    return dataset
