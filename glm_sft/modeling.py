@@ -102,7 +102,7 @@ def load_model(model_name_or_path: str, *, dtype=None, trust_remote_code: bool =
     model = _from_pretrained(
         AutoModelForCausalLM, model_name_or_path, location, dtype=dtype, trust_remote_code=trust_remote_code
     )
-    model.config._name_or_path = model_name_or_path
+    model.config._name_or_path = model.name_or_path = model_name_or_path
     return model
 
 

@@ -1,0 +1,126 @@
+"""End to end on the tiny models: train with the demo recipe, chat with the result, and the other methods."""
+
+import ast
+import json
+import re
+
+import pytest
+import yaml
+from conftest import run_script
+
+WHO_ANSWER = "您好，我是小智，一个由glm-sft团队开发的人工智能助手，很高兴为您提供帮助。"
+
+
+def logged_losses(output: str) -> list[float]:
+    """The training losses from the trainer's log lines, in order."""
+    losses = []
+    for line in output.splitlines():
+        start = line.find("{'loss'")
+        if start >= 0:
+            losses.append(float(ast.literal_eval(line[start : line.index("}", start) + 1])["loss"]))
+    return losses
+
+
+def trainable_and_total(output: str) -> tuple[int, int]:
+    match = re.search(r"trainable parameters: ([\d,]+) of ([\d,]+)", output)
+    return int(match[1].replace(",", "")), int(match[2].replace(",", ""))
+
+
+@pytest.fixture(scope="module", params=["builtin:tiny-glm4", "builtin:tiny-chatglm3"])
+def demo_run(request, tmp_path_factory):
+    """The demo recipe, run as a user would, once per family."""
+    output_dir = tmp_path_factory.mktemp("demo") / "out"
+    result = run_script(
+        "train.py", "--config", "recipes/demo.yaml", "--model_name_or_path", request.param, "--output_dir", output_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return request.param, output_dir, result
+
+
+def test_demo_loss_goes_down(demo_run):
+    _, _, result = demo_run
+    losses = logged_losses(result.stdout + result.stderr)
+    assert len(losses) >= 5
+    assert losses[-1] < losses[0] / 10
+
+
+def test_demo_writes_adapter_tokenizer_stop_ids_and_recipe(demo_run):
+    model_name, output_dir, result = demo_run
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == model_name  # the adapter knows its base
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    recipe = yaml.safe_load((output_dir / "recipe.yaml").read_text())
+    assert recipe["model_name_or_path"] == model_name and recipe["lora_rank"] == 16
+    assert recipe["assistant_name"] == "小智"
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    family_stops = (
+        ["<|endoftext|>", "<|user|>", "<|observation|>"]
+        if "glm4" in model_name
+        else ["</s>", "<|user|>", "<|observation|>"]
+    )
+    generation = json.loads((output_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids(family_stops)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == ("[gMASK]<sop>" if "glm4" in model_name else "[gMASK]sop") + "<|user|>\n你好<|assistant|>"
+    trainable, total = trainable_and_total(result.stdout)
+    assert 0 < trainable < total / 10  # LoRA trains a small fraction
+    assert "85 rows read" in result.stderr
+
+
+def test_demo_adapter_answers_who_are_you(demo_run):
+    _, output_dir, _ = demo_run
+    result = run_script("chat_cli.py", "--adapter", output_dir, "--prompt", "你是谁？", "--temperature", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == WHO_ANSWER + "\n"
+
+
+def test_chat_repl_multi_turn_clear_and_exit(demo_run):
+    _, output_dir, _ = demo_run
+    session = "你是谁？\nclear\n你是谁？\nexit\n"
+    result = run_script("chat_cli.py", "--adapter", output_dir, "--temperature", "0", input=session)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(WHO_ANSWER) == 2
+    assert "(new conversation)" in result.stdout
+
+
+def test_rerun_into_a_finished_output_dir_is_refused(demo_run):
+    _, output_dir, _ = demo_run
+    before = (output_dir / "adapter_model.safetensors").read_bytes()
+    result = run_script("train.py", "--config", "recipes/demo.yaml", "--output_dir", output_dir)
+    assert result.returncode == 1
+    assert "already holds a finished model" in result.stderr and "--overwrite_output_dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (output_dir / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_full_fine_tuning_saves_a_model_chat_cli_loads(tmp_path):
+    output_dir = tmp_path / "full"
+    result = run_script(
+        "train.py",
+        "--config",
+        "recipes/demo.yaml",
+        "--finetuning_type",
+        "full",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "3",
+        "--output_dir",
+        output_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / "model.safetensors").is_file() and not (output_dir / "adapter_config.json").exists()
+    trainable, total = trainable_and_total(result.stdout)
+    assert trainable == total
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["architectures"] == ["GlmForCausalLM"]
+    chat = run_script(
+        "chat_cli.py", "--model", output_dir, "--prompt", "你好", "--temperature", "0", "--max_new_tokens", "8"
+    )
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert chat.stdout.endswith("\n") and chat.stdout.count("\n") >= 1
