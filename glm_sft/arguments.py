@@ -85,7 +85,13 @@ def parse_recipe(argv: list[str] | None = None):
     try:
         parsed = parser.parse_args_and_config(argv)
     except ValueError as error:  # raised by the dataclasses' own checks (e.g. TrainingArguments)
-        raise UserError(str(error).splitlines()[0]) from None
+        message = str(error).splitlines()[0]
+        if "bf16" in message:
+            message = (
+                "bf16: true needs a GPU with bfloat16 support (Ampere or newer); on a CPU pass --bf16 false, on older "
+                "GPUs --bf16 false --fp16 true (and watch for NaN losses)"
+            )
+        raise UserError(message) from None
     model_args, data_args, training_args, _ = parsed
     if not data_args.dataset_name:
         raise UserError("no training data: set dataset_name in the recipe or pass --dataset_name FILE")

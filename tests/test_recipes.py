@@ -1,0 +1,51 @@
+"""Every recipe parses, and the GPU recipes run on the tiny model of their family."""
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_script
+
+from glm_sft.arguments import parse_recipe
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+TINY_MODEL = {"glm4": "builtin:tiny-glm4", "glm3": "builtin:tiny-chatglm3"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
+def test_recipe_parses_and_opens_with_its_instructions(recipe):
+    model_args, data_args, training_args, _ = parse_recipe(["--config", str(recipe), "--bf16", "false"])
+    assert model_args.model_name_or_path and data_args.dataset_name and training_args.output_dir
+    header = recipe.read_text(encoding="utf-8").split("\n\n")[0]
+    assert header.startswith("# ") and "python train.py --config recipes/" + recipe.name in header
+    assert "Memory" in header
+
+
+def test_command_line_overrides_the_recipe():
+    model_args, _, training_args, _ = parse_recipe(
+        ["--config", "recipes/glm4_lora.yaml", "--learning_rate", "1e-4", "--lora_rank", "4", "--bf16", "false"]
+    )
+    assert training_args.learning_rate == 1e-4 and model_args.lora_rank == 4
+
+
+@pytest.mark.parametrize("recipe", [path for path in RECIPES if path.stem != "demo"], ids=lambda path: path.name)
+def test_gpu_recipe_runs_two_steps_on_the_tiny_model(recipe, tmp_path):
+    output_dir = tmp_path / "out"
+    result = run_script(
+        "train.py",
+        "--config",
+        Path("recipes") / recipe.name,
+        "--model_name_or_path",
+        TINY_MODEL[recipe.stem[:4]],
+        "--bf16",
+        "false",
+        "--max_steps",
+        "2",
+        "--eval_steps",
+        "1",
+        "--output_dir",
+        output_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval_loss" in result.stdout + result.stderr  # val_size held rows out and they were evaluated
+    chat = run_script("chat_cli.py", "--adapter", output_dir, "--prompt", "你好", "--max_new_tokens", "4")
+    assert chat.returncode == 0, chat.stderr[-3000:]
