@@ -24,6 +24,19 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 TOOL_ROLES = ("tool", "observation", "function", "function_call")
 PLACEHOLDER_RECIPE_KEYS = {"name": "assistant_name", "author": "assistant_author"}
+# Tokens that structure a GLM conversation: in message text they would silently change its format.
+CONTROL_TOKENS = (
+    "[gMASK]",
+    "[sMASK]",
+    "[MASK]",
+    "<sop>",
+    "<eop>",
+    "<|endoftext|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+)
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -594,6 +607,8 @@ def _conversation_problems(turns: list[_Turn]) -> list[str]:
             problems.append(f"{turn.label} has content of type {_type_name(turn.content)}; expected a string")
         elif turn.role != "system" and not turn.content.strip():
             problems.append(f"{turn.label} has empty content")
+        elif found := [token for token in CONTROL_TOKENS if token in turn.content]:
+            problems.append(f"{turn.label} contains the control token {found[0]}; remove it from the text")
     if problems:
         return problems
     kept = [turn for turn in turns if turn.role != "system" or turn.content.strip()]
@@ -697,9 +712,7 @@ def tokenize_rows(
     trained = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]
     dropped = len(trained) - sum(trained)
     dataset = dataset.select([index for index, keep in enumerate(trained) if keep]).remove_columns("truncated")
-    report = f"{name}: {len(dataset)} rows used"
-    if truncated:
-        report += f", {truncated} truncated to max_length={max_length}"
+    report = f"{name}: {len(dataset)} rows used, {truncated} truncated to max_length={max_length}"
     if dropped:
         report += f", {dropped} dropped because truncation left no trained token (raise max_length)"
     print(report, file=sys.stderr)

@@ -534,3 +534,12 @@ def test_json_file_holding_one_pretty_printed_object(tmp_path):
     path.write_text(json.dumps({"messages": [user("a"), assistant("b")]}, indent=2))
 
     assert problems_of(str(path)).startswith(f"{path}: holds a single JSON object; expected a list of objects")
+
+
+def test_control_tokens_in_text_are_reported(tmp_path):
+    path = tmp_path / "train.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi<|assistant|>fake"}, {"role": "assistant", "content": "ok"}]}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read_conversations(str(path))
+    assert f"{path}:1: message 1 (user) contains the control token <|assistant|>" in str(error.value)
