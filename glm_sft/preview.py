@@ -53,7 +53,11 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int], color: bool)
 
 @exit_on_user_error
 def main(argv=None):
-    count, as_json, rest = split_preview_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\nRecipe keys: see python train.py --help")
+        return
+    count, as_json, rest = split_preview_args(argv)
     model_args, data_args, training_args, _ = parse_recipe(rest)
     train_rows, _ = read_datasets(data_args, seed=training_args.seed)
     tokenizer, family = load_tokenizer(
