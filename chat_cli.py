@@ -15,7 +15,7 @@ from pathlib import Path
 from threading import Thread
 
 from glm_sft import UserError, exit_on_user_error
-from glm_sft.modeling import load_model, load_tokenizer
+from glm_sft.modeling import check_adapter_base, load_model, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -60,6 +60,7 @@ def load_chat_model(args):
             import yaml
 
             recipe = yaml.safe_load((adapter / "recipe.yaml").read_text(encoding="utf-8")) or {}
+        check_adapter_base(str(adapter), adapter_config.get("base_model_name_or_path"), base)
     else:
         base = args.model
     template = args.template or recipe.get("template", "auto")

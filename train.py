@@ -12,10 +12,13 @@ from glm_sft.arguments import check_output_dir, parse_recipe, save_recipe
 from glm_sft.data import read_datasets, tokenize_rows
 from glm_sft.modeling import (
     build_peft_config,
+    check_method,
     count_parameters,
     generation_config_for,
     load_model,
     load_tokenizer,
+    prepare_model,
+    quantization_config,
     torch_dtype,
 )
 
@@ -24,6 +27,7 @@ def build_trainer(argv=None):
     """Everything up to training: recipe, data, tokenizer, model, trainer. Returns (trainer, recipe parts, extras)."""
     model_args, data_args, training_args, output_args = parse_recipe(argv)
     check_output_dir(training_args.output_dir, output_args.overwrite_output_dir)
+    check_method(model_args, training_args)
 
     # Every data problem is reported here, before the tokenizer or the model is loaded.
     train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
@@ -51,7 +55,9 @@ def build_trainer(argv=None):
         model_args.model_name_or_path,
         dtype=torch_dtype(model_args.dtype, model_args.finetuning_type, training_args.bf16),
         trust_remote_code=training_args.trust_remote_code,
+        quantization=quantization_config(model_args),
     )
+    prepare_model(model, model_args, training_args)  # k-bit preparation (qlora), frozen layers (freeze)
     generation_config = generation_config_for(tokenizer, family)
     model.generation_config = generation_config
 
@@ -85,17 +91,44 @@ def main(argv=None):
         f"x {training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes"
     )
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    import sys
+
+    from glm_sft.checkpoints import (
+        GracefulStop,
+        is_complete,
+        resolve_resume_checkpoint,
+        resume_command,
+        save_final_model,
+    )
+
+    is_main = trainer.is_world_process_zero()
+    output_dir = Path(training_args.output_dir)
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, announce=is_main)
+    # Ctrl-C or SIGTERM during training: checkpoint at the end of the step, stop, and say how to go on.
+    stop = GracefulStop(announce=is_main)
+    trainer.add_callback(stop)
+    with stop.catching_signals():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.stopped_at_step is not None:
+        if is_main:
+            saved = output_dir / f"checkpoint-{stop.stopped_at_step}"
+            where = f"checkpoint in {saved}" if is_complete(saved) else "no checkpoint could be saved at this step"
+            command = resume_command(argv, several_processes=training_args.world_size > 1)
+            print(
+                f"stopped at step {stop.stopped_at_step} of {trainer.state.max_steps}; {where}; resume with: {command}"
+            )
+        sys.exit(stop.exit_code)
     if trainer.eval_dataset is not None:
         trainer.evaluate()
 
     # The result: adapter or full model, tokenizer with the template, the family's stop ids, the resolved recipe.
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        generation_config.save_pretrained(output_dir)
-        save_recipe(output_dir / "recipe.yaml", model_args, data_args, training_args, output_args)
-        flag = "--model" if model_args.finetuning_type == "full" else "--adapter"
+    def write_extra_files(folder):
+        generation_config.save_pretrained(folder)
+        save_recipe(folder / "recipe.yaml", model_args, data_args, training_args, output_args)
+
+    save_final_model(trainer, output_dir, write_extra_files)
+    if is_main:
+        flag = "--model" if model_args.finetuning_type in ("full", "freeze") else "--adapter"
         print(f"saved to {output_dir}; chat with: python chat_cli.py {flag} {output_dir}")
 
 

@@ -7,6 +7,8 @@ import yaml
 
 from glm_sft import UserError
 
+FINETUNING_TYPES = ("lora", "qlora", "ptuning", "full", "freeze")
+
 
 @dataclass
 class ModelArguments:
@@ -26,7 +28,13 @@ class ModelArguments:
             "float16, float32."
         },
     )
-    finetuning_type: str = field(default="lora", metadata={"help": "lora or full."})
+    finetuning_type: str = field(
+        default="lora",
+        metadata={
+            "help": "lora (low-rank adapters), qlora (LoRA on a 4/8-bit base), ptuning (P-Tuning v2 prefixes), "
+            "full (all weights) or freeze (only the last layers)."
+        },
+    )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
@@ -36,6 +44,26 @@ class ModelArguments:
             "help": "Comma-separated module names to adapt, or all (every linear layer but the output head). "
             "ChatGLM names (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are accepted."
         },
+    )
+    use_dora: bool = field(default=False, metadata={"help": "LoRA/QLoRA: weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "LoRA/QLoRA: rank-stabilised scaling alpha / sqrt(r)."})
+    quantization_bit: int = field(default=4, metadata={"help": "QLoRA: 4 (NF4, double quantization) or 8."})
+    quantization_compute_dtype: str = field(
+        default="bfloat16", metadata={"help": "QLoRA: dtype the 4-bit matmuls compute in (bfloat16, float16)."}
+    )
+    pre_seq_len: int = field(default=128, metadata={"help": "P-Tuning v2: virtual tokens prepended at every layer."})
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "P-Tuning v2: produce the prefixes through a two-layer MLP."}
+    )
+    prefix_hidden_size: int | None = field(
+        default=None, metadata={"help": "P-Tuning v2: hidden size of that MLP (default: the model's)."}
+    )
+    freeze_trainable_layers: int = field(
+        default=2, metadata={"help": "freeze: how many of the last decoder layers train (the rest stay frozen)."}
+    )
+    freeze_extra_modules: str = field(
+        default="",
+        metadata={"help": "freeze: also train these, comma-separated: embed_tokens, lm_head, norm (the final one)."},
     )
 
 
@@ -95,8 +123,10 @@ def parse_recipe(argv: list[str] | None = None):
     model_args, data_args, training_args, _ = parsed
     if not data_args.dataset_name:
         raise UserError("no training data: set dataset_name in the recipe or pass --dataset_name FILE")
-    if model_args.finetuning_type not in ("lora", "full"):
-        raise UserError(f"finetuning_type {model_args.finetuning_type!r} is unknown; use lora or full")
+    if model_args.finetuning_type not in FINETUNING_TYPES:
+        raise UserError(
+            f"finetuning_type {model_args.finetuning_type!r} is unknown; use one of {', '.join(FINETUNING_TYPES)}"
+        )
     return parsed
 
 

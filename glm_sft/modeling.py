@@ -79,8 +79,8 @@ def torch_dtype(name: str, finetuning_type: str, bf16: bool | None):
     import torch
 
     if name == "auto":
-        # A frozen base can live in bf16; fully trained weights stay fp32 masters under bf16 mixed precision.
-        return torch.bfloat16 if bf16 and finetuning_type != "full" else torch.float32
+        # A frozen base can live in bf16; trained weights stay fp32 masters under bf16 mixed precision.
+        return torch.bfloat16 if bf16 and finetuning_type in ("lora", "qlora", "ptuning") else torch.float32
     dtypes = {
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
@@ -94,13 +94,14 @@ def torch_dtype(name: str, finetuning_type: str, bf16: bool | None):
     return dtypes[name]
 
 
-def load_model(model_name_or_path: str, *, dtype=None, trust_remote_code: bool = False):
+def load_model(model_name_or_path: str, *, dtype=None, trust_remote_code: bool = False, quantization=None):
     """The causal LM, with its name kept as the user wrote it (so adapters record `builtin:...` or the hub id)."""
     from transformers import AutoModelForCausalLM
 
     location = resolve_model_path(model_name_or_path)
+    extra = {"quantization_config": quantization} if quantization is not None else {}
     model = _from_pretrained(
-        AutoModelForCausalLM, model_name_or_path, location, dtype=dtype, trust_remote_code=trust_remote_code
+        AutoModelForCausalLM, model_name_or_path, location, dtype=dtype, trust_remote_code=trust_remote_code, **extra
     )
     model.config._name_or_path = model.name_or_path = model_name_or_path
     return model
@@ -115,19 +116,152 @@ def lora_target_modules(lora_target: str):
     return modules
 
 
-def build_peft_config(model_args):
-    """The PEFT config of the chosen method, or None for full fine-tuning."""
-    if model_args.finetuning_type == "full":
-        return None
-    from peft import LoraConfig
+FREEZE_EXTRA_MODULES = ("embed_tokens", "lm_head", "norm")
 
-    return LoraConfig(
-        r=model_args.lora_rank,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=lora_target_modules(model_args.lora_target),
-        task_type="CAUSAL_LM",
+
+def check_method(model_args, training_args) -> None:
+    """Stop before any weights load when the chosen method cannot work in this setup."""
+    import importlib.util
+
+    method = model_args.finetuning_type
+    if method == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("finetuning_type qlora needs bitsandbytes: pip install bitsandbytes==0.50.2")
+        if model_args.quantization_bit not in (4, 8):
+            raise UserError(f"quantization_bit must be 4 or 8, not {model_args.quantization_bit}")
+    if method == "ptuning" and training_args.gradient_checkpointing:
+        raise UserError(
+            "finetuning_type ptuning cannot run with activation_checkpointing (gradient checkpointing): recomputing a "
+            "layer would append its prefix to the attention cache a second time; set --activation_checkpointing false"
+        )
+    if method == "ptuning" and (training_args.packing or training_args.padding_free):
+        raise UserError(
+            "finetuning_type ptuning cannot be combined with packing or padding_free: the prefixes are attention "
+            "keys shared by the whole sequence, so packed rows would see each other; set --packing false"
+        )
+    if method == "freeze":
+        if model_args.freeze_trainable_layers < 0:
+            raise UserError("freeze_trainable_layers must be 0 or more")
+        unknown = [name for name in _names(model_args.freeze_extra_modules) if name not in FREEZE_EXTRA_MODULES]
+        if unknown:
+            raise UserError(
+                f"freeze_extra_modules: unknown {', '.join(unknown)}; use {', '.join(FREEZE_EXTRA_MODULES)}"
+            )
+        if model_args.freeze_trainable_layers == 0 and not _names(model_args.freeze_extra_modules):
+            raise UserError("finetuning_type freeze with no trainable layers and no extra modules trains nothing")
+
+
+def _names(comma_list: str) -> list[str]:
+    return [name.strip() for name in comma_list.split(",") if name.strip()]
+
+
+def quantization_config(model_args):
+    """QLoRA's BitsAndBytesConfig: NF4 with double quantization (or 8-bit); None for the other methods."""
+    if model_args.finetuning_type != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_args.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(model_args.quantization_compute_dtype, "qlora", True),
     )
+
+
+def prepare_model(model, model_args, training_args) -> None:
+    """Method-specific preparation before PEFT wraps the model (or instead of it)."""
+    if model_args.finetuning_type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and other unquantized weights to fp32, input gradients on, gradient checkpointing as the recipe says.
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        )
+        # bitsandbytes' CPU backend repacks 4-bit weights on the first no-grad forward (an eval pass), after which
+        # training forwards fail; keep the trainable layout on CPU.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    elif model_args.finetuning_type == "freeze":
+        layers = model.model.layers
+        count = model_args.freeze_trainable_layers
+        if count > len(layers):
+            raise UserError(f"freeze_trainable_layers is {count} but the model has {len(layers)} layers")
+        extras = {
+            "embed_tokens": model.get_input_embeddings(),
+            "lm_head": model.get_output_embeddings(),
+            "norm": model.model.norm,
+        }
+        trained = [layers[index] for index in range(len(layers) - count, len(layers))]
+        trained += [extras[name] for name in _names(model_args.freeze_extra_modules)]
+        model.requires_grad_(False)
+        for module in trained:
+            module.requires_grad_(True)
+
+
+def build_peft_config(model_args):
+    """The PEFT config of the chosen method, or None when the model's own weights train (full, freeze)."""
+    method = model_args.finetuning_type
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=model_args.lora_rank,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=lora_target_modules(model_args.lora_target),
+            use_dora=model_args.use_dora,
+            use_rslora=model_args.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+    if method == "ptuning":
+        from peft import PrefixTuningConfig
+
+        # P-Tuning v2: trained key/value prefixes at every layer, sized by PEFT from the model's KV heads (GQA).
+        extra = {"encoder_hidden_size": model_args.prefix_hidden_size} if model_args.prefix_hidden_size else {}
+        return PrefixTuningConfig(
+            num_virtual_tokens=model_args.pre_seq_len,
+            prefix_projection=model_args.prefix_projection,
+            task_type="CAUSAL_LM",
+            **extra,
+        )
+    return None
+
+
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def check_adapter_base(adapter_dir: str, recorded_base: str | None, given_base: str) -> None:
+    """Stop before loading weights when the base given for an adapter is not the architecture it was trained on."""
+    if not recorded_base or recorded_base == given_base:
+        return
+    from transformers import AutoConfig
+
+    try:
+        recorded = AutoConfig.from_pretrained(resolve_model_path(recorded_base))
+    except (OSError, ValueError, UserError):
+        return  # the recorded base is not available here, so there is nothing to compare with
+    given = AutoConfig.from_pretrained(resolve_model_path(given_base))
+    for key in ARCHITECTURE_KEYS:
+        if getattr(recorded, key, None) != getattr(given, key, None):
+            raise UserError(
+                f"{adapter_dir} was trained on {recorded_base}, but the base given is {given_base}, a different model "
+                f"({key} {getattr(recorded, key, None)} vs {getattr(given, key, None)}); leave out --model to use the "
+                "adapter's own base"
+            )
 
 
 def generation_config_for(tokenizer, family: str):
@@ -140,6 +274,9 @@ def generation_config_for(tokenizer, family: str):
 
 
 def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; PEFT's count knows that a 4-bit tensor packs two weights per byte."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

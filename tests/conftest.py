@@ -34,3 +34,16 @@ def run_script(*args, cwd=REPO, timeout=600, input=None):
     return subprocess.run(
         [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input
     )
+
+
+def chat_once(*args) -> str:
+    """chat_cli.py's one-shot answer, in this process (saves the start-up of a new interpreter)."""
+    import contextlib
+    import io
+
+    import chat_cli
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        chat_cli.main([*map(str, args)])
+    return output.getvalue()
