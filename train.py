@@ -5,10 +5,12 @@ python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any rec
 accelerate launch --config_file configs/zero2.yaml train.py --config recipes/glm4_lora.yaml
 """
 
+import sys
 from pathlib import Path
 
 from glm_sft import UserError, exit_on_user_error
 from glm_sft.arguments import check_output_dir, parse_recipe, save_recipe
+from glm_sft.checkpoints import GracefulStop, is_complete, resolve_resume_checkpoint, resume_command, save_final_model
 from glm_sft.data import read_datasets, tokenize_rows
 from glm_sft.modeling import (
     build_peft_config,
@@ -76,6 +78,7 @@ def build_trainer(argv=None):
 
 @exit_on_user_error
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     trainer, recipe, (family, generation_config) = build_trainer(argv)
     model_args, data_args, training_args, output_args = recipe
     trainable, total = count_parameters(trainer.model)
@@ -89,16 +92,6 @@ def main(argv=None):
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)\n"
         f"effective batch size: {world_batch} = {training_args.per_device_train_batch_size} per device "
         f"x {training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes"
-    )
-
-    import sys
-
-    from glm_sft.checkpoints import (
-        GracefulStop,
-        is_complete,
-        resolve_resume_checkpoint,
-        resume_command,
-        save_final_model,
     )
 
     is_main = trainer.is_world_process_zero()
@@ -124,7 +117,7 @@ def main(argv=None):
     # The result: adapter or full model, tokenizer with the template, the family's stop ids, the resolved recipe.
     def write_extra_files(folder):
         generation_config.save_pretrained(folder)
-        save_recipe(folder / "recipe.yaml", model_args, data_args, training_args, output_args)
+        save_recipe(folder / "recipe.yaml", argv, model_args, data_args, training_args, output_args)
 
     save_final_model(trainer, output_dir, write_extra_files)
     if is_main:

@@ -174,9 +174,29 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         )
 
 
-def save_recipe(path, *dataclass_objects) -> None:
-    """The resolved recipe (every key, after YAML and command line) as YAML, so a run can be repeated exactly."""
-    import dataclasses
+# Keys that control one invocation rather than describe the run; left out of the saved recipe.
+RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "hub_token")
+
+
+def given_keys(argv: list[str]) -> list[str]:
+    """The keys the user set: those of the --config recipe, then those given on the command line."""
+    keys = []
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        with open(argv[argv.index("--config") + 1], encoding="utf-8") as file:
+            keys += [key for key in (yaml.safe_load(file) or {}) if key != "env"]
+    for item in argv:
+        if item.startswith("--") and item != "--config":
+            key = item[2:].split("=", 1)[0]
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def save_recipe(path, argv: list[str], *dataclass_objects) -> None:
+    """The recipe as resolved: every key the recipe or the command line set, with its final value.
+
+    The result is itself a recipe: `python train.py --config output/x/recipe.yaml` repeats the run.
+    """
     import enum
 
     def plain(value):
@@ -186,15 +206,16 @@ def save_recipe(path, *dataclass_objects) -> None:
             return {key: plain(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return [plain(item) for item in value]
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        return str(value)
+        return value
 
     recipe = {}
-    for obj in dataclass_objects:
-        for item in dataclasses.fields(obj):
-            if item.name.startswith("_") or item.name in recipe or item.name == "hub_token":
-                continue
-            recipe[item.name] = plain(getattr(obj, item.name))
+    for key in given_keys(argv):
+        if key in RUN_CONTROL_KEYS:
+            continue
+        for obj in dataclass_objects:
+            if hasattr(obj, key):
+                recipe[key] = plain(getattr(obj, key))
+                break
     with open(path, "w", encoding="utf-8") as file:
+        file.write(f"# Resolved recipe of this run: python {' '.join(['train.py', *argv])}\n")
         yaml.safe_dump(recipe, file, allow_unicode=True, sort_keys=False)

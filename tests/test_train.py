@@ -124,3 +124,15 @@ def test_full_fine_tuning_saves_a_model_chat_cli_loads(tmp_path):
     )
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert chat.stdout.endswith("\n") and chat.stdout.count("\n") >= 1
+
+
+def test_saved_recipe_repeats_the_run(demo_run):
+    model_name, output_dir, _ = demo_run
+    saved = yaml.safe_load((output_dir / "recipe.yaml").read_text())
+    assert "resume_from_checkpoint" not in saved and saved["output_dir"] == str(output_dir)
+    previews = []
+    for config in ("recipes/demo.yaml", output_dir / "recipe.yaml"):
+        result = run_script("-m", "glm_sft.preview", "--config", config, "--model_name_or_path", model_name, "--json")
+        assert result.returncode == 0, result.stderr[-3000:]
+        previews.append(result.stdout)
+    assert previews[0] == previews[1] and previews[0].count("\n") == 3
