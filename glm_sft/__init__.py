@@ -1,7 +1,11 @@
 """glm-sft: supervised fine-tuning recipes for the GLM family (ChatGLM3-6B, GLM-4-9B)."""
 
 import functools
+import logging
 import sys
+
+# bitsandbytes' CPU backend warns on import that an optional kernel from the hub is not installed; it is not needed.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class UserError(Exception):
