@@ -131,3 +131,20 @@ def test_adapter_with_a_different_base_is_refused(tmp_path):
     assert trained.returncode == 0, trained.stderr[-2000:]
     result = run_script("chat_cli.py", "--adapter", output_dir, "--model", "builtin:tiny-chatglm3", "--prompt", "hi")
     assert result.returncode == 1 and "a different model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from glm_sft import UserError
+    from glm_sft.modeling import check_method
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    model_args = SimpleNamespace(finetuning_type="qlora", quantization_bit=4)
+    training_args = SimpleNamespace(gradient_checkpointing=True, packing=False, padding_free=False)
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        check_method(model_args, training_args)
