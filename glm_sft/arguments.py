@@ -8,6 +8,8 @@ import yaml
 from glm_sft import UserError
 
 FINETUNING_TYPES = ("lora", "qlora", "ptuning", "full", "freeze")
+# The files that make an output_dir hold a finished model.
+FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 @dataclass
@@ -162,11 +164,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     from pathlib import Path
 
     path = Path(output_dir)
-    finished = [
-        name
-        for name in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
-        if (path / name).exists()
-    ]
+    finished = [name for name in FINISHED_MARKERS if (path / name).exists()]
     if finished and not overwrite:
         raise UserError(
             f"{output_dir} already holds a finished model ({finished[0]}); pass --overwrite_output_dir true to "

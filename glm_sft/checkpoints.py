@@ -16,13 +16,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from glm_sft import UserError
+from glm_sft.arguments import FINISHED_MARKERS  # moved into output_dir last, so it never looks finished early
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Where the final save is written before its files are moved into output_dir (a dot folder: no tool lists it).
 STAGING_NAME = ".saving-final-model"
-# The files that make output_dir count as a finished model (see arguments.check_output_dir); they are moved last.
-FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 def is_complete(checkpoint) -> bool:
