@@ -117,6 +117,7 @@ def main(argv=None):
     # The result: adapter or full model, tokenizer with the template, the family's stop ids, the resolved recipe.
     def write_extra_files(folder):
         generation_config.save_pretrained(folder)
+        trainer.state.save_to_json(str(folder / "trainer_state.json"))  # the loss history, for model cards
         save_recipe(folder / "recipe.yaml", argv, model_args, data_args, training_args, output_args)
 
     save_final_model(trainer, output_dir, write_extra_files)

@@ -1,0 +1,302 @@
+"""Export a fine-tuned GLM model as one plain transformers directory (no glm-sft code, no trust_remote_code needed).
+
+    python export.py output/demo --out-dir exported/demo                    # LoRA/DoRA/QLoRA: merged into the base
+    python export.py output/full-run/checkpoint-500 --out-dir exported/full --dtype bf16   # full/freeze, checkpoints
+    python export.py output/demo --out-dir exported/demo --force            # replace an existing export
+
+The result holds safetensors weights (sharded with an index above --max-shard-size), config.json with the native
+class, the tokenizer with the family's chat template, generation_config.json with the family's stop ids and a
+README.md model card. It is written into a hidden folder beside --out-dir and renamed into place when complete.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from glm_sft import UserError, exit_on_user_error
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+# Recipe keys worth a line in the model card, when the recipe set them.
+CARD_KEYS = (
+    "finetuning_type",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target",
+    "use_dora",
+    "use_rslora",
+    "quantization_bit",
+    "freeze_trainable_layers",
+    "freeze_extra_modules",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "last_turn_only",
+    "packing",
+    "seed",
+)
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="adapter or model directory written by train.py, or one of its checkpoint-N")
+    parser.add_argument("--out-dir", required=True, help="where the exported model goes (must be empty or absent)")
+    parser.add_argument("--dtype", default="bf16", help="weights dtype: bf16 (default), fp16 or fp32")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out-dir once the export is done")
+    return parser.parse_args(argv)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def read_recipe(source: Path) -> dict:
+    """The run's recipe.yaml: in the directory itself, or in the run's output_dir for a checkpoint-N folder."""
+    import yaml
+
+    for folder in (source, source.parent):
+        if (folder / "recipe.yaml").is_file():
+            return yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    return {}
+
+
+def check_arguments(args) -> tuple[Path, Path]:
+    """Every mistake a user can make on the command line, found before any weights load."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    source = Path(args.source).expanduser()
+    out_dir = Path(args.out_dir).expanduser()
+    if args.dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype {args.dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}")
+    try:
+        convert_file_size_to_int(args.max_shard_size)
+    except ValueError:
+        raise UserError(f"--max-shard-size {args.max_shard_size!r} is not a size such as 5GB or 500MB") from None
+    if not source.is_dir():
+        raise UserError(f"{source}: no such directory")
+    if not (source / "adapter_config.json").is_file() and not (source / "config.json").is_file():
+        raise UserError(
+            f"{source}: not an adapter or model directory (no adapter_config.json or config.json); give the "
+            "output_dir of a train.py run or one of its checkpoint-N folders"
+        )
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"--out-dir {out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not args.force:
+            raise UserError(f"--out-dir {out_dir} is not empty; pass --force to replace it")
+        resolved_out, resolved_source = out_dir.resolve(), source.resolve()
+        if resolved_source == resolved_out or resolved_out in resolved_source.parents:
+            raise UserError(f"--out-dir {out_dir} holds the model being exported; choose another directory")
+    return source, out_dir
+
+
+def load_merged_model(source: Path, recipe: dict, dtype):
+    """(model with plain weights, description) for an adapter merged into its base, or a full/freeze result."""
+    from glm_sft.modeling import load_model
+
+    adapter_config = read_json(source / "adapter_config.json")
+    if not adapter_config:
+        say(f"loading {source}")
+        return load_model(str(source), dtype=dtype), {}
+    peft_type = adapter_config.get("peft_type")
+    if peft_type == "PREFIX_TUNING":
+        raise UserError(
+            f"{source} is a P-Tuning v2 adapter: its prefixes are extra attention keys, not weight changes, so it "
+            f"cannot be merged into the base model; use it as it is: python chat_cli.py --adapter {source}"
+        )
+    if peft_type != "LORA":
+        raise UserError(f"{source}: adapters of type {peft_type} cannot be exported; only LoRA, DoRA and QLoRA")
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{source}: the adapter does not name its base model (base_model_name_or_path)")
+
+    from peft import PeftModel
+
+    qlora = recipe.get("finetuning_type") == "qlora"
+    # QLoRA trained on 4-bit weights; the adapter is merged into the full-precision base, not into 4-bit weights.
+    say(f"loading base model {base}" + (" in full precision (the adapter is QLoRA)" if qlora else ""))
+    model = load_model(base, dtype=dtype)
+    say(f"loading adapter {source}")
+    model = PeftModel.from_pretrained(model, str(source))
+    say("merging the adapter into the base weights")
+    model = model.merge_and_unload()
+    return model, {"base": base, "qlora": qlora, "dora": bool(adapter_config.get("use_dora"))}
+
+
+def load_export_tokenizer(source: Path, recipe: dict, base: str | None):
+    """The run's tokenizer with the family's template: from the directory, the run's output_dir, or the base."""
+    from glm_sft.modeling import load_tokenizer
+
+    candidates = [str(source), str(source.parent)] + ([base] if base else [])
+    for candidate in candidates:
+        if candidate == base or (Path(candidate) / "tokenizer_config.json").is_file():
+            return load_tokenizer(candidate, recipe.get("template", "auto"))
+    raise UserError(f"{source}: no tokenizer found (no tokenizer_config.json) and no base model to take it from")
+
+
+def generation_config(source: Path, recipe: dict, tokenizer, family: str):
+    """The family's stop ids, plus the sampling settings the run recorded (if any)."""
+    from glm_sft.modeling import generation_config_for
+
+    config = generation_config_for(tokenizer, family)
+    recorded = read_json(source / "generation_config.json")
+    sampling = {key: recorded[key] for key in SAMPLING_KEYS if key in recorded}
+    sampling.update({key: recipe[key] for key in SAMPLING_KEYS if key in recipe})
+    if sampling.get("do_sample") or any(key in sampling for key in ("temperature", "top_p", "top_k")):
+        sampling.setdefault("do_sample", True)
+    config.update(**sampling)
+    return config
+
+
+def final_losses(source: Path) -> tuple[str, str]:
+    """(train loss, eval loss) from the last entries of trainer_state.json's log, or 'not recorded'."""
+    history = read_json(source / "trainer_state.json").get("log_history", [])
+    train = [entry["loss"] for entry in history if "loss" in entry]
+    evaluation = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    step = read_json(source / "trainer_state.json").get("global_step")
+    where = f" (last logged, step {step})" if step is not None else ""
+    return (
+        f"{train[-1]:.4f}{where}" if train else "not recorded",
+        f"{evaluation[-1]:.4f}{where}" if evaluation else "not recorded",
+    )
+
+
+def model_card(source: Path, recipe: dict, merged: dict, family: str, dtype_name: str) -> str:
+    base = merged.get("base") or recipe.get("model_name_or_path") or "not recorded"
+    method = recipe.get("finetuning_type") or ("lora" if merged else "full or freeze (not recorded)")
+    if merged.get("dora") and method == "lora":
+        method = "lora (DoRA)"
+    train_loss, eval_loss = final_losses(source)
+    data = [f"- training data: {recipe.get('dataset_name', 'not recorded')} (row count not recorded)"]
+    if recipe.get("eval_dataset_name"):
+        data.append(f"- evaluation data: {recipe['eval_dataset_name']} (row count not recorded)")
+    elif recipe.get("val_size"):
+        data.append(f"- evaluation data: {recipe['val_size']} held out of the training data")
+    settings = [f"- {key}: {recipe[key]}" for key in CARD_KEYS if key in recipe and recipe[key] is not None]
+    notes = []
+    if merged:
+        notes.append(f"The {method} adapter from `{source}` is merged into the base weights (PEFT merge_and_unload).")
+    if merged.get("qlora"):
+        notes.append(
+            "Note: this is a QLoRA adapter. It was trained on the 4-bit quantized base, but it is merged here into "
+            f"the base loaded in {dtype_name}, not into 4-bit weights; outputs can differ slightly from the quantized "
+            "model used in training."
+        )
+    prompt = (
+        "[gMASK]<sop><|user|>\\n你好<|assistant|>" if family == "glm4" else "[gMASK]sop<|user|>\\n你好<|assistant|>"
+    )
+    lines = [
+        "# Fine-tuned GLM model",
+        "",
+        f"Exported by glm-sft's export.py from `{source}`. Plain transformers weights ({dtype_name}, native "
+        "`GlmForCausalLM`); no trust_remote_code needed.",
+        "",
+        *notes,
+        "" if notes else None,
+        f"- base model: {base}",
+        f"- method: {method}",
+        f"- chat format: {family} (`{prompt}`)",
+        *data,
+        f"- final train loss: {train_loss}",
+        f"- final eval loss: {eval_loss}",
+        "",
+        "## Training settings",
+        "",
+        *(settings or ["not recorded"]),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")',
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/dir", dtype="auto", device_map="auto")',
+        'messages = [{"role": "user", "content": "你好"}]',
+        "inputs = tokenizer.apply_chat_template(",
+        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+        ").to(model.device)",
+        "output = model.generate(**inputs, max_new_tokens=256)  # stops at the family's end-of-turn tokens",
+        "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "Or `python chat_cli.py --model path/to/this/dir` from glm-sft; vLLM serves the directory as it is.",
+        "",
+    ]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def write_export(folder: Path, model, tokenizer, config, card: str, max_shard_size: str) -> None:
+    say(f"saving the model to {folder}")
+    model.generation_config = config
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished export to out_dir; an old out_dir (--force) is set aside first and removed after."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    source, out_dir = check_arguments(args)
+
+    import warnings
+
+    import transformers
+
+    from glm_sft.modeling import torch_dtype
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()
+    dtype = torch_dtype(args.dtype, "full", False)
+    recipe = read_recipe(source)
+
+    model, merged = load_merged_model(source, recipe, dtype)
+    model = model.to(dtype)
+    tokenizer, family = load_export_tokenizer(source, recipe, merged.get("base"))
+    config = generation_config(source, recipe, tokenizer, family)
+    card = model_card(source, recipe, merged, family, args.dtype)
+
+    # Written beside the target under a dot name, then renamed: an interrupted export leaves nothing that looks done.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.exporting-", dir=out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+        write_export(staging, model, tokenizer, config, card, args.max_shard_size)
+        move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"exported to {out_dir}; chat with: python chat_cli.py --model {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
