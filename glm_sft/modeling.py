@@ -43,9 +43,11 @@ def resolve_model_path(name: str, needs: str = "config.json") -> str:
         raise UserError(f"{name}: not a {kind} directory (no {needs} in it)")
     config_file = path / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == "chatglm":
+        converted = f"{path}-hf"
         raise UserError(
-            f"{name}: a ChatGLM checkpoint in THUDM's remote-code layout; it must first be converted to the native "
-            "GLM classes (convert_chatglm3.py, planned), since its own code no longer runs on current transformers"
+            f"{name}: a ChatGLM3 checkpoint in THUDM's remote-code layout, whose code no longer runs on current "
+            f"transformers; convert it to the native GLM classes once with `python convert_chatglm3.py {path} --out "
+            f"{converted}`, then use --model_name_or_path {converted}"
         )
     return str(path)
 
