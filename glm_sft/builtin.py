@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from glm_sft.chatglm3 import SPECIAL_TOKENS as CHATGLM3_SPECIAL_TOKENS
+
 PREFIX = "builtin:"
 BUILD_VERSION = "1"  # bump when the build below changes, so old caches are not reused
 SEED = 1234
@@ -55,17 +57,7 @@ FAMILY_SPECS = {
     "tiny-chatglm3": {
         "family": "chatglm3",
         "leading_tokens": ["<unk>", "<s>", "</s>"],  # ids 0, 1, 2 as in ChatGLM3's sentencepiece model
-        "special_tokens": [
-            "[MASK]",
-            "[gMASK]",
-            "[sMASK]",
-            "sop",
-            "eop",
-            "<|system|>",
-            "<|user|>",
-            "<|assistant|>",
-            "<|observation|>",
-        ],
+        "special_tokens": CHATGLM3_SPECIAL_TOKENS,
         "eos_token": "</s>",
         "pad_token": "<unk>",
         "unk_token": "<unk>",
