@@ -10,12 +10,17 @@ In the REPL: `clear` starts a new conversation, `exit` (or Ctrl-D) quits, Ctrl-C
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from threading import Thread
 
 from glm_sft import UserError, exit_on_user_error
-from glm_sft.modeling import check_adapter_base, load_model, load_tokenizer
+from glm_sft.modeling import (
+    load_adapter_model,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    read_run_recipe,
+)
 
 
 def parse_args(argv=None):
@@ -40,39 +45,31 @@ def parse_args(argv=None):
 def load_chat_model(args):
     """(model, tokenizer, stop ids) for a base/full model, or a base model with the adapter applied."""
     import torch
-    import transformers
 
-    transformers.logging.set_verbosity_error()  # keep the chat free of load-time chatter
-    transformers.utils.logging.disable_progress_bar()
-
+    quiet_transformers()
     adapter = Path(args.adapter) if args.adapter else None
-    recipe = {}
+    recipe, base = {}, args.model
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(
                 f"{adapter}: not an adapter directory (no adapter_config.json); use --model for full models"
             )
-        adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        base = args.model or adapter_config.get("base_model_name_or_path")
+        recorded_base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+        base = args.model or recorded_base
         if not base:
             raise UserError(f"{adapter}: the adapter does not name its base model; pass --model")
-        if (adapter / "recipe.yaml").is_file():
-            import yaml
-
-            recipe = yaml.safe_load((adapter / "recipe.yaml").read_text(encoding="utf-8")) or {}
-        check_adapter_base(str(adapter), adapter_config.get("base_model_name_or_path"), base)
-    else:
-        base = args.model
+        recipe = read_run_recipe(adapter)
     template = args.template or recipe.get("template", "auto")
     # The adapter directory carries the run's tokenizer and template; a model directory carries its own.
     tokenizer_source = str(adapter) if adapter is not None else base
     tokenizer, family = load_tokenizer(tokenizer_source, template, args.trust_remote_code)
     dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    model = load_model(base, dtype=dtype, trust_remote_code=args.trust_remote_code)
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter_model(adapter, base, recorded_base, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        model = load_model(base, dtype=dtype, trust_remote_code=args.trust_remote_code)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
@@ -169,7 +166,6 @@ def repl(model, tokenizer, stop_ids, args):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     model, tokenizer, stop_ids = load_chat_model(args)
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

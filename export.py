@@ -66,16 +66,6 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def read_recipe(source: Path) -> dict:
-    """The run's recipe.yaml: in the directory itself, or in the run's output_dir for a checkpoint-N folder."""
-    import yaml
-
-    for folder in (source, source.parent):
-        if (folder / "recipe.yaml").is_file():
-            return yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    return {}
-
-
 def check_arguments(args) -> tuple[Path, Path]:
     """Every mistake a user can make on the command line, found before any weights load."""
     from transformers.utils.hub import convert_file_size_to_int
@@ -108,7 +98,7 @@ def check_arguments(args) -> tuple[Path, Path]:
 
 def load_merged_model(source: Path, recipe: dict, dtype):
     """(model with plain weights, description) for an adapter merged into its base, or a full/freeze result."""
-    from glm_sft.modeling import load_model
+    from glm_sft.modeling import load_adapter_model, load_model
 
     adapter_config = read_json(source / "adapter_config.json")
     if not adapter_config:
@@ -126,14 +116,14 @@ def load_merged_model(source: Path, recipe: dict, dtype):
     if not base:
         raise UserError(f"{source}: the adapter does not name its base model (base_model_name_or_path)")
 
-    from peft import PeftModel
-
     qlora = recipe.get("finetuning_type") == "qlora"
     # QLoRA trained on 4-bit weights; the adapter is merged into the full-precision base, not into 4-bit weights.
-    say(f"loading base model {base}" + (" in full precision (the adapter is QLoRA)" if qlora else ""))
-    model = load_model(base, dtype=dtype)
-    say(f"loading adapter {source}")
-    model = PeftModel.from_pretrained(model, str(source))
+    say(
+        f"loading base model {base}"
+        + (" in full precision (the adapter is QLoRA)" if qlora else "")
+        + f" and adapter {source}"
+    )
+    model = load_adapter_model(source, base, base, dtype=dtype)
     say("merging the adapter into the base weights")
     model = model.merge_and_unload()
     return model, {"base": base, "qlora": qlora, "dora": bool(adapter_config.get("use_dora"))}
@@ -150,14 +140,13 @@ def load_export_tokenizer(source: Path, recipe: dict, base: str | None):
     raise UserError(f"{source}: no tokenizer found (no tokenizer_config.json) and no base model to take it from")
 
 
-def generation_config(source: Path, recipe: dict, tokenizer, family: str):
-    """The family's stop ids, plus the sampling settings the run recorded (if any)."""
+def generation_config(source: Path, tokenizer, family: str):
+    """The family's stop ids, plus the sampling settings in the run's generation_config.json (if any)."""
     from glm_sft.modeling import generation_config_for
 
     config = generation_config_for(tokenizer, family)
     recorded = read_json(source / "generation_config.json")
     sampling = {key: recorded[key] for key in SAMPLING_KEYS if key in recorded}
-    sampling.update({key: recipe[key] for key in SAMPLING_KEYS if key in recipe})
     if sampling.get("do_sample") or any(key in sampling for key in ("temperature", "top_p", "top_k")):
         sampling.setdefault("do_sample", True)
     config.update(**sampling)
@@ -166,10 +155,11 @@ def generation_config(source: Path, recipe: dict, tokenizer, family: str):
 
 def final_losses(source: Path) -> tuple[str, str]:
     """(train loss, eval loss) from the last entries of trainer_state.json's log, or 'not recorded'."""
-    history = read_json(source / "trainer_state.json").get("log_history", [])
+    state = read_json(source / "trainer_state.json")
+    history = state.get("log_history", [])
     train = [entry["loss"] for entry in history if "loss" in entry]
     evaluation = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
-    step = read_json(source / "trainer_state.json").get("global_step")
+    step = state.get("global_step")
     where = f" (last logged, step {step})" if step is not None else ""
     return (
         f"{train[-1]:.4f}{where}" if train else "not recorded",
@@ -265,22 +255,16 @@ def main(argv=None):
     args = parse_args(argv)
     source, out_dir = check_arguments(args)
 
-    import warnings
+    from glm_sft.modeling import quiet_transformers, read_run_recipe, torch_dtype
 
-    import transformers
-
-    from glm_sft.modeling import torch_dtype
-
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     dtype = torch_dtype(args.dtype, "full", False)
-    recipe = read_recipe(source)
+    recipe = read_run_recipe(source)
 
     model, merged = load_merged_model(source, recipe, dtype)
     model = model.to(dtype)
     tokenizer, family = load_export_tokenizer(source, recipe, merged.get("base"))
-    config = generation_config(source, recipe, tokenizer, family)
+    config = generation_config(source, tokenizer, family)
     card = model_card(source, recipe, merged, family, args.dtype)
 
     # Written beside the target under a dot name, then renamed: an interrupted export leaves nothing that looks done.

@@ -235,6 +235,37 @@ def build_peft_config(model_args):
     return None
 
 
+def quiet_transformers() -> None:
+    """Keep load-time chatter (info logs, progress bars, deprecation warnings) out of interactive scripts."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def read_run_recipe(folder) -> dict:
+    """The recipe.yaml train.py saved with a result: in the folder, or in the run's output_dir for a checkpoint-N."""
+    import yaml
+
+    folder = Path(folder)
+    for candidate in (folder, folder.parent):
+        if (candidate / "recipe.yaml").is_file():
+            return yaml.safe_load((candidate / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    return {}
+
+
+def load_adapter_model(adapter_dir, base: str, recorded_base: str | None, *, dtype=None, trust_remote_code=False):
+    """`base` with the adapter in `adapter_dir` applied, after checking it is the architecture the adapter knows."""
+    from peft import PeftModel
+
+    check_adapter_base(str(adapter_dir), recorded_base, base)
+    model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
 ARCHITECTURE_KEYS = (
     "model_type",
     "hidden_size",
