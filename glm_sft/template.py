@@ -81,12 +81,18 @@ def encode_conversation(
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoding["input_ids"]
     labels = [IGNORE_INDEX] * len(input_ids)
-    for span_start, span_end in spans[-1:] if last_turn_only else spans:
-        for index, (start, end) in enumerate(encoding["offset_mapping"]):
-            if start < span_end and end > span_start:
-                if start < span_start or end > span_end:
-                    raise AssertionError(f"token {index} straddles the boundary of a trained span in {text!r}")
-                labels[index] = input_ids[index]
+    trained_spans = spans[-1:] if last_turn_only else spans
+    span = 0  # spans and token offsets both run left to right: one pass over the tokens
+    for index, (start, end) in enumerate(encoding["offset_mapping"]):
+        while span < len(trained_spans) and trained_spans[span][1] <= start:
+            span += 1
+        if span == len(trained_spans):
+            break
+        span_start, span_end = trained_spans[span]
+        if start < span_end and end > span_start:
+            if start < span_start or end > span_end:
+                raise AssertionError(f"token {index} straddles the boundary of a trained span in {text!r}")
+            labels[index] = input_ids[index]
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
