@@ -1,8 +1,10 @@
 """Read training data into canonical conversations; every problem is reported as `path:line: what is wrong`.
 
 Input formats: ChatGLM3 / GLM-4 `messages` (role/content), ShareGPT (from/value), Alpaca, Firefly and a
-prompt/response column pair. Files: .json (a list, or one object per line), .jsonl, .csv, .parquet, folders of
-them, comma-separated lists of those, and hub dataset ids.
+prompt/response column pair. Tool-calling rows in the ChatGLM3/Firefly, GLM-4, OpenAI/Hugging Face and ShareGPT
+shapes become canonical rows with `tools` and assistant `tool_calls` (glm_sft.tools).
+Files: .json (a list, or one object per line), .jsonl, .csv, .parquet, folders of them, comma-separated lists of
+those, and hub dataset ids.
 """
 
 import csv
@@ -12,17 +14,25 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from glm_sft import UserError
+from glm_sft.tools import canonical_tools, json_type_name, parse_arguments, result_text, tool_call, tool_names
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 DATASET_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "firefly", "columns")
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-TOOL_ROLES = ("tool", "observation", "function", "function_call")
+ROLES = ("system", "user", "assistant", "tool", "observation")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+}
 PLACEHOLDER_RECIPE_KEYS = {"name": "assistant_name", "author": "assistant_author"}
 # Tokens that structure a GLM conversation: in message text they would silently change its format.
 CONTROL_TOKENS = (
@@ -72,7 +82,8 @@ def read_conversations(
     """Read every file named by `spec` into canonical conversations.
 
     `spec` is a file, a folder (searched recursively), a hub dataset id, or a comma-separated list of those.
-    Each conversation is {"messages": [{"role", "content"}, ...], "source": "path:line"}. All problems in all
+    Each conversation is {"messages": [{"role", "content"}, ...], "source": "path:line"}, plus "tools" and
+    assistant "tool_calls" in tool-calling rows (the canonical shape of DESIGN.md). All problems in all
     files are collected and raised together as one DataError. With skip_invalid_rows, invalid rows are
     skipped and printed as warnings instead; problems with whole files still raise.
     """
@@ -313,11 +324,16 @@ class _Problem:
 
 @dataclass
 class _Turn:
-    """One message on its way into a conversation; `label` names it in problems (`message 3 (user)`)."""
+    """One message on its way into a conversation; `label` names it in problems (`message 3 (user)`).
+
+    Roles: system, user, assistant, tool (a tool result). An assistant turn may carry `calls`, raw (name, arguments)
+    pairs as the data wrote them; they are checked against the row's tools in _conversation_problems.
+    """
 
     role: str
     content: Any
     label: str
+    calls: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 class _ConversationReader:
@@ -344,6 +360,7 @@ class _ConversationReader:
     def read_source(self, source: _Source) -> list[dict]:
         conversations = []
         row_format = None if self.dataset_format == "auto" else self.dataset_format
+        detect_each_row = self.dataset_format == "auto" and not source.tabular  # JSON rows may mix formats
         rows_in_source = 0
         missing_placeholders_reported = set()
         try:
@@ -351,17 +368,17 @@ class _ConversationReader:
                 rows_in_source += 1
                 self.rows_read += 1
                 where = f"{source.shown}:{line}"
-                if row_format is None and isinstance(row, dict):
+                if (row_format is None or detect_each_row) and isinstance(row, dict):
                     row_format = self.detect_format(row)
                     if row_format is None and source.tabular:  # every row has these keys: say it once
                         self.problems.append(_Problem(f"{where}: {self.unknown_format(row)}", whole_file=True))
                         return conversations
-                messages, problems = self.convert_row(row, row_format)
+                conversation, problems = self.convert_row(row, row_format)
                 if problems:
                     self.invalid_rows += 1
                     self.problems += [_Problem(f"{where}: {problem}") for problem in problems]
                     continue
-                for name in self.fill_placeholders(messages):
+                for name in self.fill_placeholders(conversation["messages"]):
                     if name not in missing_placeholders_reported:
                         missing_placeholders_reported.add(name)
                         key = PLACEHOLDER_RECIPE_KEYS[name]
@@ -372,7 +389,7 @@ class _ConversationReader:
                                 whole_file=True,
                             )
                         )
-                conversations.append({"messages": messages, "source": where})
+                conversations.append({**conversation, "source": where})
         except _UnreadableFile as error:
             where = source.shown if error.line is None else f"{source.shown}:{error.line}"
             self.problems.append(_Problem(f"{where}: {error.problem}", whole_file=True))
@@ -406,17 +423,14 @@ class _ConversationReader:
             f"{self.prompt_column}/{self.response_column}; set dataset_format to choose"
         )
 
-    def convert_row(self, row: Any, row_format: str | None) -> tuple[list[dict], list[str]]:
-        """The row's canonical messages, or the problems that keep it from being one."""
+    def convert_row(self, row: Any, row_format: str | None) -> tuple[dict, list[str]]:
+        """The row's canonical conversation {"messages"[, "tools"]}, or the problems that keep it from being one."""
         if isinstance(row, _BadRow):
-            return [], [row.problem]
+            return {}, [row.problem]
         if not isinstance(row, dict):
-            return [], [f"expected a JSON object, got {_type_name(row)}"]
+            return {}, [f"expected a JSON object, got {_type_name(row)}"]
         if row_format is None:
-            return [], [self.unknown_format(row)]
-        tool_reason = _tool_calling_reason(row)
-        if tool_reason:
-            return [], [f"tool-calling rows are not supported yet ({tool_reason})"]
+            return {}, [self.unknown_format(row)]
         if row_format == "messages":
             turns, problems = _turns_from_messages(row)
         elif row_format == "sharegpt":
@@ -427,17 +441,16 @@ class _ConversationReader:
             turns, problems = _turns_from_firefly(row)
         else:
             turns, problems = _turns_from_columns(row, self.prompt_column, self.response_column)
+        tools, tool_problems = _row_tools(row, row_format)
+        problems += tool_problems
         if problems:
-            return [], problems
-        problems = _conversation_problems(turns)
+            return {}, problems
+        problems = _conversation_problems(turns, tools)
         if problems:
-            return [], problems
+            return {}, problems
         # An empty system message renders nothing in the GLM formats, so leaving it out loses nothing.
-        return [
-            {"role": turn.role, "content": turn.content}
-            for turn in turns
-            if turn.role != "system" or turn.content.strip()
-        ], []
+        messages = [_canonical_message(turn) for turn in turns if turn.role != "system" or turn.content.strip()]
+        return ({"messages": messages, "tools": tools} if tools is not None else {"messages": messages}), []
 
     def fill_placeholders(self, messages: list[dict]) -> list[str]:
         """Fill {{name}} and {{author}} in place; return the placeholders used that have no value."""
@@ -456,34 +469,6 @@ class _ConversationReader:
         return [name for name in PLACEHOLDER_RECIPE_KEYS if name in missing]
 
 
-def _tool_calling_reason(row: dict) -> str | None:
-    """What makes this a tool-calling row, or None when it is not one."""
-    if _is_set(row.get("tools")):
-        return 'the row has "tools"'
-    for key in ("messages", "conversations"):
-        messages = row.get(key)
-        if not isinstance(messages, list):
-            continue
-        for number, message in enumerate(messages, 1):
-            if not isinstance(message, dict):
-                continue
-            for field in ("role", "from"):
-                if message.get(field) in TOOL_ROLES:
-                    return f'message {number} has {field} "{message[field]}"'
-            for field in ("metadata", "tool_calls", "tools"):
-                if _is_set(message.get(field)):
-                    return f'message {number} has "{field}"'
-    return None
-
-
-def _is_set(value: Any) -> bool:
-    if isinstance(value, str):
-        return bool(value.strip())
-    if isinstance(value, list | dict):
-        return bool(value)
-    return value is not None
-
-
 def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
     key = "messages" if row.get("messages") is not None else "conversations"
     messages = row.get(key)
@@ -497,15 +482,60 @@ def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
             problems.append(
                 f"message {number} is of type {_type_name(message)}; expected an object with role and content"
             )
-        elif "role" not in message:
+            continue
+        role = message.get("role")
+        label = f"message {number} ({role})"
+        if "role" not in message:
             problems.append(f'message {number} has no "role" (keys: {", ".join(map(str, message))})')
-        elif not isinstance(message["role"], str) or message["role"] not in ROLES:
-            problems.append(f"message {number} has role {_shown(message['role'])}; expected one of {', '.join(ROLES)}")
+        elif not isinstance(role, str) or role not in ROLES:
+            problems.append(f"message {number} has role {_shown(role)}; expected one of {', '.join(ROLES)}")
+        elif role == "tool" and "content" not in message and ("parameters" in message or "observation" in message):
+            # ChatGLM3 / Firefly: one message stands for a call and its result.
+            if "observation" not in message:
+                problems.append(f'{label} has "parameters" but no "observation" (the result of the call)')
+                continue
+            turns.append(_Turn("assistant", "", label, [(message.get("name"), message.get("parameters", {}))]))
+            turns.append(_Turn("tool", _result(message["observation"]), label))
+        elif role == "assistant" and _has_value(message.get("tool_calls")):
+            calls = message["tool_calls"]
+            if not isinstance(calls, list):
+                problems.append(f'{label} has "tool_calls" of type {_type_name(calls)}; expected a list of calls')
+                continue
+            content = "" if message.get("content") is None else message["content"]
+            turns.append(_Turn("assistant", content, label, [_openai_call(call) for call in calls]))
+        elif role == "assistant" and _has_value(message.get("metadata")):
+            # GLM-4 native: the function name as metadata, the JSON arguments as content.
+            turns.append(_Turn("assistant", "", label, [(message["metadata"], message.get("content"))]))
         elif "content" not in message:
-            problems.append(f'message {number} ({message["role"]}) has no "content"')
+            problems.append(f'{label} has no "content"')
+        elif role in ("tool", "observation"):
+            turns.append(_Turn("tool", _result(message["content"]), label))
         else:
-            turns.append(_Turn(message["role"], message["content"], f"message {number} ({message['role']})"))
+            turns.append(_Turn(role, message["content"], label))
     return turns, problems
+
+
+def _openai_call(call: Any) -> tuple[Any, Any]:
+    """(name, arguments) of an OpenAI/Hugging Face call, {"function": {"name", "arguments"}} or the inner object."""
+    if not isinstance(call, dict):
+        return None, None
+    function = call.get("function", call)
+    if not isinstance(function, dict):
+        return None, None
+    return function.get("name"), function.get("arguments", {})
+
+
+def _result(value: Any) -> Any:
+    """A tool result as text; non-string JSON results (ChatGLM3 observations are often objects) as JSON."""
+    return value if value is None or isinstance(value, str) else result_text(value)
+
+
+def _has_value(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list | dict):
+        return bool(value)
+    return value is not None
 
 
 def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
@@ -518,6 +548,7 @@ def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
     for number, message in enumerate(messages, 1):
         speaker = message.get("from") if isinstance(message, dict) else None
         role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+        label = f"message {number} ({speaker})"
         if not isinstance(message, dict):
             problems.append(
                 f"message {number} is of type {_type_name(message)}; expected an object with from and value"
@@ -527,10 +558,56 @@ def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
         elif role is None:
             problems.append(f"message {number} is from {_shown(speaker)}; expected one of {', '.join(SHAREGPT_ROLES)}")
         elif "value" not in message:
-            problems.append(f'message {number} ({speaker}) has no "value"')
+            problems.append(f'{label} has no "value"')
+        elif speaker == "function_call":
+            # The value is JSON: {"name", "arguments"}, or a list of those for calls made together.
+            value = message["value"]
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as error:
+                    problems.append(f"{label} has a value that is not JSON ({error.msg} at character {error.pos})")
+                    continue
+            calls = value if isinstance(value, list) else [value]
+            if not calls or not all(isinstance(call, dict) for call in calls):
+                problems.append(f'{label} has a value that is not a {{"name", "arguments"}} object or a list of them')
+                continue
+            turns.append(_Turn("assistant", "", label, [_openai_call(call) for call in calls]))
+        elif role == "tool":
+            turns.append(_Turn("tool", _result(message["value"]), label))
         else:
-            turns.append(_Turn(role, message["value"], f"message {number} ({speaker})"))
+            turns.append(_Turn(role, message["value"], label))
     return turns, problems
+
+
+def _row_tools(row: dict, row_format: str) -> tuple[list[dict] | None, list[str]]:
+    """The row's tool definitions, canonical: top-level `tools`, or `tools` on a message (GLM-4 native)."""
+    found = []
+    if _has_value(row.get("tools")):
+        found.append(('"tools"', row["tools"]))
+    messages = row.get("messages") if row.get("messages") is not None else row.get("conversations")
+    if row_format == "messages" and isinstance(messages, list):
+        found += [
+            (f'message {number} "tools"', message["tools"])
+            for number, message in enumerate(messages, 1)
+            if isinstance(message, dict) and _has_value(message.get("tools"))
+        ]
+    if not found:
+        return None, []
+    if len(found) > 1:
+        return None, [f"tools are given twice ({found[0][0]} and {found[1][0]}); give them once"]
+    where, value = found[0]
+    tools, problems = canonical_tools(value)
+    if where != '"tools"':
+        problems = [problem.replace('"tools"', where, 1) for problem in problems]
+    return tools, problems
+
+
+def _canonical_message(turn: _Turn) -> dict:
+    message = {"role": turn.role, "content": turn.content}
+    if turn.calls:
+        message["tool_calls"] = [tool_call(name, arguments) for name, arguments in turn.calls]
+    return message
 
 
 def _turns_from_alpaca(row: dict) -> tuple[list[_Turn], list[str]]:
@@ -600,43 +677,71 @@ def _system_turn(row: dict) -> list[_Turn]:
     return [] if row.get("system") is None else [_Turn("system", row["system"], '"system"')]
 
 
-def _conversation_problems(turns: list[_Turn]) -> list[str]:
+def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list[str]:
     problems = []
     for turn in turns:
         if not isinstance(turn.content, str):
             problems.append(f"{turn.label} has content of type {_type_name(turn.content)}; expected a string")
-        elif turn.role != "system" and not turn.content.strip():
+        elif turn.role != "system" and not turn.calls and not turn.content.strip():
             problems.append(f"{turn.label} has empty content")
         elif found := [token for token in CONTROL_TOKENS if token in turn.content]:
             problems.append(f"{turn.label} contains the control token {found[0]}; remove it from the text")
+        problems += _call_problems(turn, tools)
     if problems:
         return problems
     kept = [turn for turn in turns if turn.role != "system" or turn.content.strip()]
     for turn in kept[1:]:
         if turn.role == "system":
             problems.append(f"{turn.label} is a system message after the start; only the first message may be one")
+    problems += _result_order_problems(kept)
     if not any(turn.role == "assistant" for turn in kept):
         problems.append("no assistant message; nothing to train on")
     elif kept[-1].role != "assistant":
-        problems.append(f"the conversation ends with {kept[-1].label}; it must end with an assistant reply")
+        what = "a tool result" if kept[-1].role == "tool" else kept[-1].label
+        problems.append(f"the conversation ends with {what}; it must end with an assistant reply")
     return problems
 
 
-def _type_name(value: Any) -> str:
-    """The JSON name of a value's type."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+def _call_problems(turn: _Turn, tools: list[dict] | None) -> list[str]:
+    """Each call of an assistant turn names a function of the row's tools and passes a JSON object."""
+    problems = []
+    for index, (name, arguments) in enumerate(turn.calls):
+        which = f"{turn.label} call {index + 1}" if len(turn.calls) > 1 else turn.label
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{which} has no function name")
+            continue
+        if tools is None:
+            problems.append(f'{which} calls "{name}" but the row has no "tools"; add the function definitions')
+        elif name not in tool_names(tools):
+            problems.append(f'{which} calls "{name}", which is not in "tools" ({", ".join(tool_names(tools))})')
+        parsed, problem = parse_arguments(arguments)
+        if problem:
+            problems.append(f'{which}: the arguments of "{name}" {problem}')
+        elif found := [token for token in CONTROL_TOKENS if token in name or token in json.dumps(parsed)]:
+            problems.append(f"{which} contains the control token {found[0]}; remove it")
+        else:
+            turn.calls[index] = (name, parsed)
+    return problems
+
+
+def _result_order_problems(turns: list[_Turn]) -> list[str]:
+    """Every tool result answers a call made before it; every call but a final one gets its result."""
+    problems, waiting = [], []  # calls without a result yet: (label, name)
+    for turn in turns:
+        if turn.role == "tool":
+            if waiting:
+                waiting.pop(0)
+            else:
+                problems.append(f"{turn.label} is a tool result with no call before it")
+            continue
+        problems += [f'{label} calls "{name}" but no result follows' for label, name in waiting]
+        waiting = [(turn.label, name) for name, _ in turn.calls]
+    if len(waiting) > 1:  # a conversation may end with one call (the model stops at <|observation|>), not several
+        problems += [f'{label} calls "{name}" but no result follows' for label, name in waiting]
+    return problems
+
+
+_type_name = json_type_name
 
 
 def _shown(value: Any) -> str:
@@ -703,10 +808,27 @@ def tokenize_rows(
     from glm_sft.template import IGNORE_INDEX, encode_conversation
 
     def encode(row):
-        return encode_conversation(tokenizer, row["messages"], max_length=max_length, last_turn_only=last_turn_only)
+        conversation = json.loads(row["conversation"])
+        return encode_conversation(
+            tokenizer,
+            conversation["messages"],
+            tools=conversation.get("tools"),
+            max_length=max_length,
+            last_turn_only=last_turn_only,
+        )
 
-    dataset = Dataset.from_list(rows).map(
-        encode, remove_columns=["messages"], num_proc=num_proc, desc=f"Tokenizing {name} rows"
+    # As JSON text: Arrow would merge the shapes of every row's tools and arguments into one schema.
+    conversations = [
+        {
+            "conversation": json.dumps(
+                {key: row[key] for key in ("messages", "tools") if key in row}, ensure_ascii=False
+            ),
+            "source": row.get("source", ""),
+        }
+        for row in rows
+    ]
+    dataset = Dataset.from_list(conversations).map(
+        encode, remove_columns=["conversation"], num_proc=num_proc, desc=f"Tokenizing {name} rows"
     )
     truncated = sum(dataset["truncated"])
     trained = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]

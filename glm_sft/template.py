@@ -41,6 +41,14 @@ def detect_family(tokenizer, override: str = "auto") -> str:
     )
 
 
+def template_family(tokenizer) -> str:
+    """The family whose template the tokenizer carries (as attach_template left it), else the detected one."""
+    for family in FAMILIES:
+        if tokenizer.chat_template == family_template(family):
+            return family
+    return detect_family(tokenizer)
+
+
 def attach_template(tokenizer, family: str) -> None:
     """Give the tokenizer the family's training-ready template (the same text as the official one) and a pad token."""
     tokenizer.chat_template = family_template(family)
@@ -56,10 +64,16 @@ def stop_token_ids(tokenizer, family: str) -> list[int]:
     return [vocab[token] for token in STOP_TOKENS[family]]
 
 
-def render_training_example(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation's text, final turn closed by its end token, and the character span of each assistant turn."""
+def render_training_example(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text, final turn closed by its end token, and the character span of each assistant turn.
+
+    Each tool call is an assistant turn of its own, so it has its own span.
+    """
     rendered, spans = render_jinja_template(
         [messages],
+        tools=tools or None,
         chat_template=tokenizer.chat_template,
         return_assistant_tokens_mask=True,
         close_final_turn=True,
@@ -69,15 +83,21 @@ def render_training_example(tokenizer, messages: list[dict]) -> tuple[str, list[
 
 
 def encode_conversation(
-    tokenizer, messages: list[dict], *, max_length: int | None = None, last_turn_only: bool = False
+    tokenizer,
+    messages: list[dict],
+    *,
+    tools: list[dict] | None = None,
+    max_length: int | None = None,
+    last_turn_only: bool = False,
 ) -> dict:
     """Token ids and labels for one conversation.
 
     Labels hold the token id for exactly what the model generates after each `<|assistant|>`: the metadata line, the
     content and the token that ends the turn (the next message's role token, or the family's end token after the last
-    message). Everything else is IGNORE_INDEX. With `last_turn_only`, only the final assistant turn is trained.
+    message). A tool call is trained the same way, up to the `<|observation|>` that ends it; tool definitions and
+    results are not. Everything else is IGNORE_INDEX. With `last_turn_only`, only the final assistant turn is trained.
     """
-    text, spans = render_training_example(tokenizer, messages)
+    text, spans = render_training_example(tokenizer, messages, tools)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoding["input_ids"]
     labels = [IGNORE_INDEX] * len(input_ids)

@@ -327,7 +327,7 @@ def test_unknown_role(tmp_path):
         tmp_path / "train.jsonl", [{"messages": [user("a"), assistant("b"), {"role": "bot", "content": "c"}]}]
     )
 
-    assert problems_of(path) == f'{path}:1: message 3 has role "bot"; expected one of system, user, assistant'
+    assert problems_of(path) == f'{path}:1: message 3 has role "bot"; expected one of system, user, assistant, tool, observation'
 
 
 def test_unknown_sharegpt_speaker(tmp_path):
@@ -397,29 +397,6 @@ def test_csv_without_the_prompt_columns_is_reported_once(tmp_path):
 
     assert text.startswith(f"{path}:2: cannot tell the format of this row (keys: question, answer)")
     assert len(text.splitlines()) == 1
-
-
-@pytest.mark.parametrize(
-    ("row", "reason"),
-    [
-        ({"messages": [user("天气?"), {"role": "tool", "name": "get_weather", "content": "{}"}]}, 'role "tool"'),
-        ({"messages": [user("q"), {"role": "observation", "content": "{}"}]}, 'role "observation"'),
-        ({"messages": [user("q"), {"role": "assistant", "metadata": "get_weather", "content": "{}"}]}, '"metadata"'),
-        ({"messages": [user("q"), {"role": "assistant", "content": None, "tool_calls": [{}]}]}, '"tool_calls"'),
-        ({"tools": [{"name": "f"}], "messages": [user("q"), assistant("a")]}, '"tools"'),
-        (
-            {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]},
-            "function_call",
-        ),
-    ],
-)
-def test_tool_calling_rows_are_an_error(tmp_path, row, reason):
-    path = write_jsonl(tmp_path / "tools.jsonl", [row])
-
-    text = problems_of(path)
-
-    assert text.startswith(f"{path}:1: tool-calling rows are not supported yet (")
-    assert reason in text
 
 
 def test_file_that_does_not_exist(tmp_path):

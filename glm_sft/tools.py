@@ -1,0 +1,160 @@
+"""Tool calling: definitions and calls in the canonical (Hugging Face) shape; generated replies back into calls.
+
+Canonical shapes (DESIGN.md, "The data model"):
+    tool definition  {"type": "function", "function": {"name", "description", "parameters"}}
+    call             {"type": "function", "function": {"name": str, "arguments": {...}}}
+The templates render them in each family's native format; `parse_reply` is the inverse for a generated reply.
+"""
+
+import ast
+import json
+from typing import Any
+
+CALL_FENCE_START = "```python\n"
+CALL_FENCE_END = "\n```"
+
+
+class MalformedCall(ValueError):
+    """A reply that starts a tool call (a function name as metadata) whose arguments cannot be read."""
+
+
+def canonical_tool(definition: Any) -> tuple[dict | None, str | None]:
+    """A tool definition as {"type": "function", "function": {...}}, from that shape or a bare function object.
+
+    Returns (tool, None), or (None, what is wrong).
+    """
+    if not isinstance(definition, dict):
+        return None, f"is of type {json_type_name(definition)}; expected a function definition object"
+    kind = definition.get("type", "function")
+    if kind != "function":
+        return None, f"has type {json.dumps(kind, ensure_ascii=False)}; only function tools can be trained"
+    if "function" in definition:
+        function = definition["function"]
+    elif "name" in definition:
+        function = definition  # ChatGLM3 and ShareGPT data write the function object itself
+    else:
+        return None, 'has neither "function" nor "name"; expected {"type": "function", "function": {"name", ...}}'
+    if not isinstance(function, dict):
+        return None, f'has a "function" of type {json_type_name(function)}; expected an object'
+    name = function.get("name")
+    if not isinstance(name, str) or not is_function_name(name):
+        return None, f'has no usable "name" (got {json.dumps(name, ensure_ascii=False)})'
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        return None, f'("{name}") has "parameters" of type {json_type_name(parameters)}; expected a JSON schema object'
+    return {"type": "function", "function": function}, None
+
+
+def canonical_tools(value: Any) -> tuple[list[dict], list[str]]:
+    """`tools` of a row (a list, or a JSON string holding one, as ShareGPT writes it): canonical tools, problems."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            return [], [f'"tools" is a string that is not valid JSON ({error.msg} at character {error.pos})']
+    if not isinstance(value, list):
+        return [], [f'"tools" is of type {json_type_name(value)}; expected a list of function definitions']
+    tools, problems = [], []
+    for number, definition in enumerate(value, 1):
+        tool, problem = canonical_tool(definition)
+        if problem:
+            problems.append(f'"tools" item {number} {problem}')
+        else:
+            tools.append(tool)
+    names = [tool["function"]["name"] for tool in tools]
+    problems += [f'"tools" defines "{name}" twice' for name in sorted({n for n in names if names.count(n) > 1})]
+    return tools, problems
+
+
+def tool_names(tools: list[dict]) -> list[str]:
+    return [tool["function"]["name"] for tool in tools]
+
+
+def is_function_name(name: str) -> bool:
+    """A name that can stand alone on the metadata line: non-empty, one line, no surrounding spaces."""
+    return bool(name) and name == name.strip() and "\n" not in name and "<|" not in name
+
+
+def parse_arguments(value: Any) -> tuple[dict | None, str | None]:
+    """Call arguments as a dict, from a dict or a JSON string holding an object; or (None, what is wrong)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            return None, f"are not valid JSON ({error.msg} at character {error.pos})"
+    if not isinstance(value, dict):
+        return None, f"are of type {json_type_name(value)}; expected a JSON object"
+    return value, None
+
+
+def tool_call(name: str, arguments: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def result_text(value: Any) -> str:
+    """A tool result as the observation text: strings as they are, anything else as JSON (non-ASCII kept)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def parse_reply(text: str, family: str) -> dict | str:
+    """A generated reply as a call {"name", "arguments"} or as plain text: the inverse of rendering.
+
+    `text` is what the model wrote after `<|assistant|>`, special tokens kept or not, the stop token removed:
+    `{metadata}\\n{content}`. A metadata line (the function name) makes it a call: GLM-4 writes the arguments as a
+    JSON object, ChatGLM3 as a fenced python `tool_call(key=value, ...)` block. When a text part precedes a call
+    (`...<|assistant|>name\\n{...}`), the call is returned. Raises MalformedCall when the arguments cannot be read.
+    """
+    parts = [part for part in text.split("<|assistant|>") if part.strip()] or [""]
+    for part in parts:
+        metadata, _, content = part.partition("\n")
+        if metadata.strip():
+            name = metadata.strip()
+            if family == "chatglm3":
+                return {"name": name, "arguments": _python_call_arguments(name, content)}
+            arguments, problem = parse_arguments(content.strip())
+            if problem:
+                raise MalformedCall(f"the call to {name} has arguments that {problem}: {content.strip()[:200]}")
+            return {"name": name, "arguments": arguments}
+    return "\n".join(part.partition("\n")[2] if "\n" in part else part for part in parts).strip()
+
+
+def _python_call_arguments(name: str, content: str) -> dict:
+    """The keyword arguments of ChatGLM3's ```python\\ntool_call(key=value, ...)\\n``` block, as Python literals."""
+    code = content.strip()
+    if code.startswith("```"):
+        code = code.split("\n", 1)[1] if "\n" in code else ""
+        code = code.rsplit("```", 1)[0]
+    try:
+        expression = ast.parse(code.strip(), mode="eval").body
+    except SyntaxError as error:
+        raise MalformedCall(f"the call to {name} is not Python ({error.msg}): {content.strip()[:200]}") from None
+    if not (isinstance(expression, ast.Call) and isinstance(expression.func, ast.Name) and not expression.args):
+        raise MalformedCall(f"the call to {name} is not tool_call(key=value, ...): {content.strip()[:200]}")
+    arguments = {}
+    for keyword in expression.keywords:
+        if keyword.arg is None:
+            raise MalformedCall(f"the call to {name} uses **: {content.strip()[:200]}")
+        try:
+            arguments[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise MalformedCall(
+                f"the call to {name} passes {keyword.arg}= something that is not a literal: {content.strip()[:200]}"
+            ) from None
+    return arguments
+
+
+def json_type_name(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
