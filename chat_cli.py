@@ -193,7 +193,7 @@ class ToolSession:
         except EOFError:
             raise UserError(f"no result for the call to {call['name']}: give --tool_results FILE or type it") from None
 
-    def answer(self, model, tokenizer, stop_ids, messages, args, out=sys.stdout) -> str:
+    def answer(self, model, tokenizer, stop_ids, messages, args) -> str:
         """Generate until the model replies in text: each call is printed as JSON and answered with its result."""
         for _ in range(self.MAX_CALLS_PER_TURN):
             raw = generate_raw(model, tokenizer, stop_ids, messages, args, self.tools)
@@ -205,7 +205,7 @@ class ToolSession:
             if isinstance(reply, str):
                 messages.append({"role": "assistant", "content": reply})
                 return reply
-            print(json.dumps(reply, ensure_ascii=False), file=out, flush=True)
+            print(json.dumps(reply, ensure_ascii=False), flush=True)
             if reply["name"] not in tool_names(self.tools):
                 print(f"warning: the model called {reply['name']}, which is not in the tools", file=sys.stderr)
             messages.append({"role": "assistant", "content": "", "tool_calls": [tool_call(**reply)]})

@@ -369,7 +369,8 @@ class _ConversationReader:
                 self.rows_read += 1
                 where = f"{source.shown}:{line}"
                 if (row_format is None or detect_each_row) and isinstance(row, dict):
-                    row_format = self.detect_format(row)
+                    # A row whose keys fit no format is read as the file's earlier rows were, to say what it lacks.
+                    row_format = self.detect_format(row) or row_format
                     if row_format is None and source.tabular:  # every row has these keys: say it once
                         self.problems.append(_Problem(f"{where}: {self.unknown_format(row)}", whole_file=True))
                         return conversations

@@ -445,3 +445,65 @@ def test_a_conversation_may_end_with_one_call(tmp_path):
     row = {"tools": TOOLS, "messages": [user("q"), assistant("", call("get_weather", city="北京"))]}
     rows, _ = read_conversations(write_jsonl(tmp_path / "t.jsonl", [row]))
     assert rows[0]["messages"][-1]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+# ---- chat_cli with tools, and a tiny model that learns to call ----
+
+
+def test_chat_cli_history_trimming_drops_whole_rounds_with_their_calls(glm4_tokenizer):
+    import chat_cli
+
+    messages = [*CALL_THEN_MORE_TURNS, user("最后的问题")]
+    full = glm4_tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=True)
+    ids, kept = chat_cli.fit_history(glm4_tokenizer, messages, len(full["input_ids"]) - 1, tools=TOOLS)
+    assert kept == messages[4:]  # the first round (question, call, result, answer) went as a whole
+    assert len(ids) < len(full["input_ids"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"name": ', "tools.json:1: not valid JSON (Expecting value); expected a list of function definitions"),
+        ('{"name": "f"}', 'tools.json: "tools" is of type object; expected a list of function definitions'),
+        ("[]", "tools.json: no tools defined"),
+    ],
+)
+def test_chat_cli_rejects_a_bad_tools_file_before_loading_a_model(tmp_path, capsys, content, message):
+    import chat_cli
+
+    path = tmp_path / "tools.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        chat_cli.main(["--model", "builtin:tiny-glm4", "--tools", str(path), "--prompt", "hi"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}/{message}"
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory):
+    """recipes/demo_tools.yaml, run as a user would: the tiny GLM-4 model on data/tool_calls.jsonl."""
+    from conftest import run_script
+
+    output_dir = tmp_path_factory.mktemp("tools") / "out"
+    result = run_script("train.py", "--config", "recipes/demo_tools.yaml", "--output_dir", output_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.mark.parametrize(
+    ("question", "expected_call"),
+    [
+        ("我在广州，今天要带伞吗？", {"name": "get_weather", "arguments": {"city": "广州"}}),
+        ("请告诉我 7*8 的结果", {"name": "calculator", "arguments": {"expression": "7*8"}}),
+    ],
+)
+def test_fine_tuned_tiny_model_emits_the_trained_call(tool_run, question, expected_call):
+    from conftest import chat_once
+
+    output = chat_once(
+        "--adapter", tool_run, "--tools", "data/tools.json", "--tool_results", "data/tool_results.json",
+        "--prompt", question, "--temperature", "0",
+    )  # fmt: skip
+    lines = output.splitlines()
+    assert json.loads(lines[0]) == expected_call
+    assert len(lines) == 2 and lines[1].strip()  # then, given the result, an answer in text
