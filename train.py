@@ -5,13 +5,17 @@ python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any rec
 accelerate launch --config_file configs/zero2.yaml train.py --config recipes/glm4_lora.yaml
 """
 
+import json
 import sys
 from pathlib import Path
 
-from glm_sft import UserError, exit_on_user_error
-from glm_sft.arguments import check_output_dir, parse_recipe, save_recipe
+from glm_sft import UserError, exit_on_user_error, tracking
+from glm_sft.arguments import check_output_dir, parse_recipe, resolved_recipe, save_recipe
+from glm_sft.callbacks import SampleGeneration, sample_prompts
 from glm_sft.checkpoints import GracefulStop, is_complete, resolve_resume_checkpoint, resume_command, save_final_model
-from glm_sft.data import read_datasets, tokenize_rows
+from glm_sft.data import read_datasets
+from glm_sft.distributed import check_launch, launch_arguments, main_process_output, tokenize_once
+from glm_sft.generation import predict_after_training
 from glm_sft.modeling import (
     build_peft_config,
     check_method,
@@ -27,17 +31,26 @@ from glm_sft.modeling import (
 
 def build_trainer(argv=None):
     """Everything up to training: recipe, data, tokenizer, model, trainer. Returns (trainer, recipe parts, extras)."""
-    model_args, data_args, training_args, output_args = parse_recipe(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Under accelerate launch: check the devices; on a machine without GPUs the processes run on the CPU.
+    model_args, data_args, training_args, output_args = parse_recipe(argv + launch_arguments(argv))
     check_output_dir(training_args.output_dir, output_args.overwrite_output_dir)
     check_method(model_args, training_args)
+    check_launch(model_args, training_args)  # method vs. DeepSpeed config
 
     # Every data problem is reported here, before the tokenizer or the model is loaded.
-    train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
+    with main_process_output(training_args):
+        train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
     if training_args.eval_strategy != "no" and not eval_rows:
         raise UserError(
             f"eval_strategy is {training_args.eval_strategy.value} but there is no eval data; set val_size or "
             "eval_dataset_name, or pass --eval_strategy no"
         )
+    if training_args.do_predict and not eval_rows:
+        raise UserError(
+            "do_predict scores replies to the eval data and there is none; set val_size or eval_dataset_name"
+        )
+    swanlab_mode = tracking.resolve_swanlab_mode(output_args.swanlab_mode, training_args)  # None: not reporting
 
     tokenizer, family = load_tokenizer(
         model_args.model_name_or_path, model_args.template, training_args.trust_remote_code
@@ -48,10 +61,13 @@ def build_trainer(argv=None):
         last_turn_only=data_args.last_turn_only,
         num_proc=training_args.dataset_num_proc,
     )
-    train_dataset = tokenize_rows(train_rows, name="train", **tokenize).select_columns(["input_ids", "labels"])
+    # Tokenized once per machine, by its main process; the others load the result.
+    train_dataset = tokenize_once(training_args, train_rows, name="train", **tokenize)
+    train_dataset = train_dataset.select_columns(["input_ids", "labels"])
     eval_dataset = None
     if eval_rows:
-        eval_dataset = tokenize_rows(eval_rows, name="eval", **tokenize).select_columns(["input_ids", "labels"])
+        eval_dataset = tokenize_once(training_args, eval_rows, name="eval", **tokenize)
+        eval_dataset = eval_dataset.select_columns(["input_ids", "labels"])
 
     model = load_model(
         model_args.model_name_or_path,
@@ -65,21 +81,26 @@ def build_trainer(argv=None):
 
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=build_peft_config(model_args),
-    )
-    return trainer, (model_args, data_args, training_args, output_args), (family, generation_config)
+    with tracking.reporting_without_disabled_swanlab(training_args, swanlab_mode):
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=build_peft_config(model_args),
+        )
+    # Greedy replies to a few fixed prompts at each save and at the end: output_dir/samples.jsonl and SwanLab.
+    samples = sample_prompts(output_args.sample_prompts, eval_rows or train_rows, output_args.sample_count)
+    trainer.add_callback(SampleGeneration(trainer, samples, generation_config, output_args.sample_max_new_tokens))
+    extras = (family, generation_config, eval_rows, swanlab_mode)
+    return trainer, (model_args, data_args, training_args, output_args), extras
 
 
 @exit_on_user_error
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    trainer, recipe, (family, generation_config) = build_trainer(argv)
+    trainer, recipe, (family, generation_config, eval_rows, swanlab_mode) = build_trainer(argv)
     model_args, data_args, training_args, output_args = recipe
     trainable, total = count_parameters(trainer.model)
     world_batch = (
@@ -96,6 +117,11 @@ def main(argv=None):
 
     is_main = trainer.is_world_process_zero()
     output_dir = Path(training_args.output_dir)
+    if is_main and swanlab_mode not in (None, "disabled"):
+        data = {"train_rows": len(trainer.train_dataset), "eval_rows": len(eval_rows or [])}
+        parameters = {"trainable": trainable, "total": total}
+        config = {"recipe": resolved_recipe(argv, *recipe), "data": data, "parameters": parameters}
+        tracking.start_swanlab(swanlab_mode, training_args, output_args, config=config)
     checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, announce=is_main)
     # Ctrl-C or SIGTERM during training: checkpoint at the end of the step, stop, and say how to go on.
     stop = GracefulStop(announce=is_main)
@@ -121,7 +147,15 @@ def main(argv=None):
         save_recipe(folder / "recipe.yaml", argv, model_args, data_args, training_args, output_args)
 
     save_final_model(trainer, output_dir, write_extra_files)
+    if training_args.do_predict:  # replies to the eval rows, scored: predictions.jsonl and metrics.json
+        stop_ids, longest = generation_config.eos_token_id, output_args.predict_max_new_tokens
+        metrics = predict_after_training(trainer, eval_rows, output_dir, stop_ids=stop_ids, max_new_tokens=longest)
+        if is_main:
+            tracking.log_metrics(metrics, "predict", step=trainer.state.global_step)
+            print(f"do_predict on {len(eval_rows)} eval rows: {json.dumps(metrics)}")
     if is_main:
+        tracking.plot_losses(trainer.state.log_history, output_dir / tracking.LOSS_PLOT, title=str(output_dir))
+        tracking.finish_swanlab()
         flag = "--model" if model_args.finetuning_type in ("full", "freeze") else "--adapter"
         print(f"saved to {output_dir}; chat with: python chat_cli.py {flag} {output_dir}")
 

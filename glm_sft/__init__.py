@@ -20,6 +20,9 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as error:
+            from glm_sft.distributed import defer_to_main_process
+
+            defer_to_main_process()  # under accelerate launch, the main process reports an error all processes share
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:

@@ -157,6 +157,28 @@ class OutputArguments:
         default=False,
         metadata={"help": "Allow training into an output_dir that already holds a finished model (it is replaced)."},
     )
+    swanlab_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "With report_to swanlab: auto (SWANLAB_MODE if set, else cloud when an API key is available, "
+            "else local under output_dir/swanlog), cloud, local, offline or disabled."
+        },
+    )
+    swanlab_project: str | None = field(
+        default=None, metadata={"help": "SwanLab project (default: SWANLAB_PROJECT, else glm-sft)."}
+    )
+    sample_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "User messages answered (greedy) at each save and at the end, into output_dir/samples.jsonl "
+            "and SwanLab (default: the first sample_count rows of the eval split, else of the training data)."
+        },
+    )
+    sample_count: int = field(default=3, metadata={"help": "How many rows make the default sample prompts; 0: none."})
+    sample_max_new_tokens: int = field(default=128, metadata={"help": "Longest sample reply, in tokens."})
+    predict_max_new_tokens: int = field(
+        default=512, metadata={"help": "do_predict: longest reply, in tokens (batch: per_device_eval_batch_size)."}
+    )
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -195,6 +217,14 @@ def save_recipe(path, argv: list[str], *dataclass_objects) -> None:
 
     The result is itself a recipe: `python train.py --config output/x/recipe.yaml` repeats the run.
     """
+    recipe = resolved_recipe(argv, *dataclass_objects)
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(f"# Resolved recipe of this run: python {' '.join(['train.py', *argv])}\n")
+        yaml.safe_dump(recipe, file, allow_unicode=True, sort_keys=False)
+
+
+def resolved_recipe(argv: list[str], *dataclass_objects) -> dict:
+    """{key: final value} for every key the recipe or the command line set (run-control keys left out)."""
     import enum
 
     def plain(value):
@@ -214,6 +244,4 @@ def save_recipe(path, argv: list[str], *dataclass_objects) -> None:
             if hasattr(obj, key):
                 recipe[key] = plain(getattr(obj, key))
                 break
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(f"# Resolved recipe of this run: python {' '.join(['train.py', *argv])}\n")
-        yaml.safe_dump(recipe, file, allow_unicode=True, sort_keys=False)
+    return recipe

@@ -165,17 +165,26 @@ def quantization_config(model_args):
 
     if model_args.quantization_bit == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    compute_dtype = torch_dtype(model_args.quantization_compute_dtype, "qlora", True)
+    # ZeRO-3 shards only floating-point tensors: the 4-bit weights are packed into the compute dtype (PEFT's recipe).
+    storage = {"bnb_4bit_quant_storage": compute_dtype} if is_deepspeed_zero3_enabled() else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch_dtype(model_args.quantization_compute_dtype, "qlora", True),
+        bnb_4bit_compute_dtype=compute_dtype,
+        **storage,
     )
 
 
 def prepare_model(model, model_args, training_args) -> None:
     """Method-specific preparation before PEFT wraps the model (or instead of it)."""
-    if model_args.finetuning_type == "qlora":
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # Under ZeRO-3 the weights are sharded placeholders that must keep their dtype: no k-bit preparation (as TRL does).
+    if model_args.finetuning_type == "qlora" and not is_deepspeed_zero3_enabled():
         from peft import prepare_model_for_kbit_training
 
         # Norms and other unquantized weights to fp32, input gradients on, gradient checkpointing as the recipe says.
@@ -310,6 +319,7 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; PEFT's count knows that a 4-bit tensor packs two weights per byte."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 each process holds an empty placeholder per weight; ds_numel is the full size.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return trainable, total

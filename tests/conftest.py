@@ -12,6 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("GLM_SFT_CACHE", str(REPO / ".pytest_cache" / "glm_sft"))
+# Recipes report to SwanLab; tests leave it off (and unimported) unless they test it (tests/test_tracking.py).
+os.environ.setdefault("SWANLAB_MODE", "disabled")
 sys.path.insert(0, str(REPO))
 
 
@@ -34,6 +36,21 @@ def run_script(*args, cwd=REPO, timeout=600, input=None):
     return subprocess.run(
         [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input
     )
+
+
+_demo_runs = {}
+
+
+def trained_demo(tmp_path_factory, model_name: str = "builtin:tiny-glm4"):
+    """(output_dir, CompletedProcess) of the demo recipe trained as a user would, once per model in a session."""
+    if model_name not in _demo_runs:
+        output_dir = tmp_path_factory.mktemp("demo") / "out"
+        result = run_script(
+            "train.py", "--config", "recipes/demo.yaml", "--model_name_or_path", model_name, "--output_dir", output_dir
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        _demo_runs[model_name] = output_dir, result
+    return _demo_runs[model_name]
 
 
 def chat_once(*args) -> str:

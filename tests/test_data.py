@@ -327,7 +327,8 @@ def test_unknown_role(tmp_path):
         tmp_path / "train.jsonl", [{"messages": [user("a"), assistant("b"), {"role": "bot", "content": "c"}]}]
     )
 
-    assert problems_of(path) == f'{path}:1: message 3 has role "bot"; expected one of system, user, assistant, tool, observation'
+    expected = "expected one of system, user, assistant, tool, observation"
+    assert problems_of(path) == f'{path}:1: message 3 has role "bot"; {expected}'
 
 
 def test_unknown_sharegpt_speaker(tmp_path):

@@ -297,7 +297,8 @@ def test_train_py_writes_the_final_model_aside_before_moving_it(uninterrupted, t
 
     output_dir = tmp_path / "out"
     shutil.copytree(uninterrupted, output_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
-    before = {path.name: path.read_bytes() for path in output_dir.iterdir()}
+    # samples.jsonl is the new run's log (written during training, like checkpoints), not part of the finished model.
+    before = {path.name: path.read_bytes() for path in output_dir.iterdir() if path.name != "samples.jsonl"}
     real_save_model = SFTTrainer.save_model
 
     def save_model_then_die(self, folder=None, _internal_call=False):
@@ -312,4 +313,5 @@ def test_train_py_writes_the_final_model_aside_before_moving_it(uninterrupted, t
     assert exit_info.value.code == 130
     staged = output_dir / checkpoints_module.STAGING_NAME
     assert (staged / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
-    assert {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()} == before
+    after = {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()}
+    assert {name: content for name, content in after.items() if name != "samples.jsonl"} == before

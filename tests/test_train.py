@@ -6,7 +6,7 @@ import re
 
 import pytest
 import yaml
-from conftest import run_script
+from conftest import run_script, trained_demo
 
 WHO_ANSWER = "您好，我是小智，一个由glm-sft团队开发的人工智能助手，很高兴为您提供帮助。"
 
@@ -28,12 +28,8 @@ def trainable_and_total(output: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module", params=["builtin:tiny-glm4", "builtin:tiny-chatglm3"])
 def demo_run(request, tmp_path_factory):
-    """The demo recipe, run as a user would, once per family."""
-    output_dir = tmp_path_factory.mktemp("demo") / "out"
-    result = run_script(
-        "train.py", "--config", "recipes/demo.yaml", "--model_name_or_path", request.param, "--output_dir", output_dir
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    """The demo recipe, run as a user would, once per family (shared with other modules: conftest.trained_demo)."""
+    output_dir, result = trained_demo(tmp_path_factory, request.param)
     return request.param, output_dir, result
 
 
