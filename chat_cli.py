@@ -28,22 +28,31 @@ from glm_sft.template import template_family
 from glm_sft.tools import MalformedCall, canonical_tools, parse_reply, result_text, tool_call, tool_names
 
 
+def add_model_arguments(parser) -> None:
+    """--model/--adapter/--template/--trust_remote_code, the arguments load_chat_model reads (evaluate.py too)."""
+    parser.add_argument("--model", help="base or fully fine-tuned model: directory, hub id or builtin:tiny-glm4")
+    parser.add_argument("--adapter", help="adapter directory written by train.py (it knows its base model)")
+    parser.add_argument("--template", default=None, help="auto, glm4 or chatglm3 (default: the run's template)")
+    parser.add_argument("--trust_remote_code", action="store_true")
+
+
+def check_model_arguments(parser, args) -> None:
+    if not args.model and not args.adapter:
+        parser.error("give --model DIR, --adapter DIR, or both")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="base or fully fine-tuned model: directory, hub id or builtin:tiny-glm4")
-    parser.add_argument("--adapter", help="LoRA adapter directory written by train.py")
+    add_model_arguments(parser)
     parser.add_argument("--system", help="system prompt for the conversation")
     parser.add_argument("--prompt", help="answer this one message, print only the reply, and exit")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding (default 0.8)")
     parser.add_argument("--top_p", type=float, default=0.8)
     parser.add_argument("--max_new_tokens", type=int, default=512)
-    parser.add_argument("--template", default=None, help="auto, glm4 or chatglm3 (default: the run's template)")
-    parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--tools", help="JSON file with the function definitions the model may call (a list)")
     parser.add_argument("--tool_results", help="JSON file {function name: result} answering calls without asking")
     args = parser.parse_args(argv)
-    if not args.model and not args.adapter:
-        parser.error("give --model DIR, --adapter DIR, or both")
+    check_model_arguments(parser, args)
     if args.temperature < 0:
         parser.error("--temperature must be 0 (greedy) or positive")
     if args.tool_results and not args.tools:
@@ -105,12 +114,12 @@ def fit_history(tokenizer, messages, budget: int, tools=None):
         turns = turns[next_round:]
 
 
-def generate_reply(model, tokenizer, stop_ids, messages, args, stream=None) -> str:
+def generation_inputs(model, tokenizer, stop_ids, messages, args, tools=None) -> dict:
+    """model.generate's arguments for the conversation, trimmed to fit the context (`messages` is trimmed too)."""
     import torch
-    from transformers import TextIteratorStreamer
 
     context = getattr(model.config, "max_position_embeddings", 4096)
-    prompt_ids, kept = fit_history(tokenizer, messages, context - args.max_new_tokens)
+    prompt_ids, kept = fit_history(tokenizer, messages, context - args.max_new_tokens, tools)
     messages[:] = kept
     input_ids = torch.tensor([prompt_ids], device=model.device)
     sampling = (
@@ -118,17 +127,22 @@ def generate_reply(model, tokenizer, stop_ids, messages, args, stream=None) -> s
         if args.temperature == 0
         else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     )
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(
+    return dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=args.max_new_tokens,
         eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id,
-        streamer=streamer,
         **sampling,
     )
-    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+
+
+def generate_reply(model, tokenizer, stop_ids, messages, args, stream=None) -> str:
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = generation_inputs(model, tokenizer, stop_ids, messages, args)
+    thread = Thread(target=model.generate, kwargs={**kwargs, "streamer": streamer}, daemon=True)
     thread.start()
     pieces = []
     for piece in streamer:
@@ -148,25 +162,10 @@ def generate_raw(model, tokenizer, stop_ids, messages, args, tools) -> str:
     """The reply as written after <|assistant|> ({metadata}\n{content}, special tokens kept), not streamed."""
     import torch
 
-    context = getattr(model.config, "max_position_embeddings", 4096)
-    prompt_ids, kept = fit_history(tokenizer, messages, context - args.max_new_tokens, tools)
-    messages[:] = kept
-    input_ids = torch.tensor([prompt_ids], device=model.device)
-    sampling = (
-        {"do_sample": False}
-        if args.temperature == 0
-        else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    )
+    kwargs = generation_inputs(model, tokenizer, stop_ids, messages, args, tools)
     with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=args.max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
-        )
-    new_ids = output[0, input_ids.shape[1] :].tolist()
+        output = model.generate(**kwargs)
+    new_ids = output[0, kwargs["input_ids"].shape[1] :].tolist()
     if new_ids and new_ids[-1] in stop_ids:
         new_ids = new_ids[:-1]
     return tokenizer.decode(new_ids, skip_special_tokens=False)

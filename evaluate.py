@@ -10,6 +10,7 @@ Writes DIR/predictions.jsonl (prompt, reference, reply per row) and DIR/metrics.
 import argparse
 import sys
 
+from chat_cli import add_model_arguments, check_model_arguments, load_chat_model
 from glm_sft import exit_on_user_error
 from glm_sft.data import read_conversations
 from glm_sft.generation import predict
@@ -18,15 +19,12 @@ from glm_sft.modeling import read_run_recipe
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="base or fully fine-tuned model: directory, hub id or builtin:tiny-glm4")
-    parser.add_argument("--adapter", help="adapter directory written by train.py (it knows its base model)")
+    add_model_arguments(parser)
     parser.add_argument("--dataset_name", required=True, help="eval data: a file, a folder or a comma list")
     parser.add_argument("--output_dir", required=True, help="where predictions.jsonl and metrics.json go")
     parser.add_argument("--max_new_tokens", type=int, default=512, help="longest reply, in tokens (default 512)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--max_samples", type=int, help="score only the first N rows")
-    parser.add_argument("--template", default=None, help="auto, glm4 or chatglm3 (default: the run's template)")
-    parser.add_argument("--trust_remote_code", action="store_true")
     # Data options; unset ones come from the run's recipe.yaml, as the model was trained with them.
     parser.add_argument("--dataset_format", help="auto, messages, sharegpt, alpaca, firefly or columns")
     parser.add_argument("--prompt_column", help="prompt column for the columns format")
@@ -34,8 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--assistant_name", help="fills {{name}} in self-cognition data")
     parser.add_argument("--assistant_author", help="fills {{author}} in self-cognition data")
     args = parser.parse_args(argv)
-    if not args.model and not args.adapter:
-        parser.error("give --model DIR, --adapter DIR, or both")
+    check_model_arguments(parser, args)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         parser.error("--max_new_tokens and --batch_size must be at least 1")
     return args
@@ -63,8 +60,6 @@ def read_rows(args) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     rows = read_rows(args)  # data problems are reported before the model loads
-    from chat_cli import load_chat_model
-
     model, tokenizer, stop_ids = load_chat_model(args)
     print(f"evaluating {args.adapter or args.model} on {len(rows)} rows of {args.dataset_name}", file=sys.stderr)
     metrics = predict(
