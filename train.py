@@ -5,12 +5,13 @@ python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any rec
 accelerate launch --config_file configs/zero2.yaml train.py --config recipes/glm4_lora.yaml
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
 
-from glm_sft import UserError, exit_on_user_error, tracking
-from glm_sft.arguments import check_output_dir, parse_recipe, resolved_recipe, save_recipe
+from glm_sft import UserError, exit_on_user_error, speed, tracking
+from glm_sft.arguments import check_output_dir, given_keys, parse_recipe, resolved_recipe, save_recipe
 from glm_sft.callbacks import SampleGeneration, sample_prompts
 from glm_sft.checkpoints import GracefulStop, is_complete, resolve_resume_checkpoint, resume_command, save_final_model
 from glm_sft.data import read_datasets
@@ -29,13 +30,19 @@ from glm_sft.modeling import (
 )
 
 
-def build_trainer(argv=None):
-    """Everything up to training: recipe, data, tokenizer, model, trainer. Returns (trainer, recipe parts, extras)."""
+def build_trainer(argv=None, model=None):
+    """Everything up to training: recipe, data, tokenizer, model, trainer. Returns (trainer, recipe parts, extras).
+
+    `model`: an already built model to train instead of loading model_name_or_path (the benchmarks pass one).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     # Under accelerate launch: check the devices; on a machine without GPUs the processes run on the CPU.
     model_args, data_args, training_args, output_args = parse_recipe(argv + launch_arguments(argv))
     check_output_dir(training_args.output_dir, output_args.overwrite_output_dir)
     check_method(model_args, training_args)
+    given = set(given_keys(argv))
+    if "padding_free" not in given:
+        training_args.padding_free = True  # our default (TRL's is false); speed.configure falls back where it can't
     check_launch(model_args, training_args)  # method vs. DeepSpeed config
 
     # Every data problem is reported here, before the tokenizer or the model is loaded.
@@ -69,22 +76,30 @@ def build_trainer(argv=None):
         eval_dataset = tokenize_once(training_args, eval_rows, name="eval", **tokenize)
         eval_dataset = eval_dataset.select_columns(["input_ids", "labels"])
 
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=torch_dtype(model_args.dtype, model_args.finetuning_type, training_args.bf16),
-        trust_remote_code=training_args.trust_remote_code,
-        quantization=quantization_config(model_args),
-    )
+    if model is None:
+        model = load_model(
+            model_args.model_name_or_path,
+            dtype=torch_dtype(model_args.dtype, model_args.finetuning_type, training_args.bf16),
+            trust_remote_code=training_args.trust_remote_code,
+            quantization=quantization_config(model_args),
+        )
     prepare_model(model, model_args, training_args)  # k-bit preparation (qlora), frozen layers (freeze)
+    # Padding-free batches and their attention where the model allows it, else padded, length-grouped batches.
+    speed_report = speed.configure(model, model_args, training_args, given)
     generation_config = generation_config_for(tokenizer, family)
     model.generation_config = generation_config
 
     from trl import SFTTrainer
 
+    trainer_args = training_args
+    if training_args.padding_free and not training_args.packing:
+        # Rows are already cut to max_length by our tokenization; TRL wants none to enforce without packing.
+        trainer_args = copy.copy(training_args)
+        trainer_args.max_length = None
     with tracking.reporting_without_disabled_swanlab(training_args, swanlab_mode):
         trainer = SFTTrainer(
             model=model,
-            args=training_args,
+            args=trainer_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
@@ -93,14 +108,18 @@ def build_trainer(argv=None):
     # Greedy replies to a few fixed prompts at each save and at the end: output_dir/samples.jsonl and SwanLab.
     samples = sample_prompts(output_args.sample_prompts, eval_rows or train_rows, output_args.sample_count)
     trainer.add_callback(SampleGeneration(trainer, samples, generation_config, output_args.sample_max_new_tokens))
-    extras = (family, generation_config, eval_rows, swanlab_mode)
+    fused = speed.fused_lm_head_applied(trainer.model)  # checked on the model, not taken on trust
+    speed_report.append(
+        "loss: TRL's fused LM head (trained positions only, no full logits)" if fused else "loss: full logits"
+    )
+    extras = (family, generation_config, eval_rows, swanlab_mode, speed_report)
     return trainer, (model_args, data_args, training_args, output_args), extras
 
 
 @exit_on_user_error
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    trainer, recipe, (family, generation_config, eval_rows, swanlab_mode) = build_trainer(argv)
+    trainer, recipe, (family, generation_config, eval_rows, swanlab_mode, speed_report) = build_trainer(argv)
     model_args, data_args, training_args, output_args = recipe
     trainable, total = count_parameters(trainer.model)
     world_batch = (
@@ -112,7 +131,8 @@ def main(argv=None):
         f"model: {model_args.model_name_or_path} ({family} format), method: {model_args.finetuning_type}, "
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)\n"
         f"effective batch size: {world_batch} = {training_args.per_device_train_batch_size} per device "
-        f"x {training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes"
+        f"x {training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes\n"
+        + "\n".join(speed_report)
     )
 
     is_main = trainer.is_world_process_zero()

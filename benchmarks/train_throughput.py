@@ -1,0 +1,444 @@
+"""Training throughput of three set-ups on the same rows, seed, LoRA and global batch.
+
+  naive  every row padded to max_length, every token trained (what most fine-tuning tutorials do), transformers Trainer
+  trl    plain TRL SFTTrainer defaults: each batch padded to its longest row, loss on the assistant tokens
+  ours   train.py's build_trainer with recipes/glm4_lora.yaml: padding-free batches, per-row attention, fused LM head
+
+Each arm runs in a fresh Python process, the arms interleaved (repeat r starts with a different arm), so no arm
+inherits another's warm caches or allocator state. All arms read the same rows with our readers and templates; the
+trl arm gets our labels, the naive arm labels every real token.
+
+python benchmarks/train_throughput.py                                 # CPU configuration, a few minutes on 2 cores
+python benchmarks/train_throughput.py --output bench.json --repeats 3
+python benchmarks/train_throughput.py --model glm4-9b --max_length 2048 --batch_size 8 --rows 256   # one GPU, bf16
+
+Models have random weights built from a config (no download): `tiny` is the GLM architecture at hidden 256, the
+GPU configurations are GLM-4-9B's and ChatGLM3-6B's real shapes. The text goes through the built-in tiny tokenizer
+of the family (real vocabulary size in the model, so the output layer costs what it really costs).
+
+Figures per arm: real_tokens_per_s (non-padding tokens through the model per second of training), trained_tokens_per_s
+(tokens with a loss), padding_ratio (padding positions / all positions), peak_memory_mb (RSS on CPU; allocated and
+reserved on GPU), mfu (GPU: model FLOPs of the real tokens, LoRA ~4N per token plus causal attention, over the
+GPU's dense bf16 peak), final_loss (mean loss per answer token on a fixed held-out set, after the arm has trained on
+the same rows as the others) and the ratios of these to the trl arm.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ARMS = ("naive", "trl", "ours")
+# The bundled samples, then the length-skewed set; --rows (plus the held-out rows) are taken from the front.
+DATA = "data/alpaca_zh_demo.json,data/multi_turn.jsonl,data/length_skewed.json"
+HELD_OUT_ROWS = 32
+RECIPE = "recipes/glm4_lora.yaml"
+# Model shapes. tiny: the built-in models' architecture; the others: the released checkpoints' configs.
+MODELS = {
+    "tiny": dict(
+        family="glm4",
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=6000,
+    ),
+    "glm4-9b": dict(
+        family="glm4",
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        vocab_size=151552,
+        attention_bias=True,
+    ),
+    "chatglm3-6b": dict(
+        family="chatglm3",
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=28,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        vocab_size=65024,
+        attention_bias=True,
+    ),
+}
+# Dense bf16 peak of the GPUs we report MFU on, in FLOP/s.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma list among naive, trl, ours")
+    parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="model shape (random weights)")
+    parser.add_argument("--rows", type=int, default=256, help="training rows each arm consumes (one epoch)")
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=8, help="rows per optimizer step, the same in every arm")
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--gradient_checkpointing", choices=("true", "false"), default="true")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each arm (interleaved); medians reported")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
+    parser.add_argument("--output", help="also write the figures to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one arm and write its figures
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    unknown = [arm for arm in args.arms if arm not in ARMS]
+    if unknown or not args.arms:
+        parser.error(f"--arms: unknown arm(s) {', '.join(unknown) or '(none)'}; choose among {', '.join(ARMS)}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------- worker
+
+
+def recipe_argv(args, output_dir: str) -> list[str]:
+    """The ours arm's recipe, with the benchmark's shared settings; the other arms take these values too."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return [
+        "--config", RECIPE,
+        "--model_name_or_path", tokenizer_name(args),
+        "--dataset_name", DATA,
+        "--val_size", str(HELD_OUT_ROWS),
+        "--max_samples", str(args.rows + HELD_OUT_ROWS),
+        "--max_length", str(args.max_length),
+        "--output_dir", output_dir,
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", "1",
+        "--num_train_epochs", "1",
+        "--learning_rate", str(args.learning_rate),
+        "--activation_checkpointing", args.gradient_checkpointing,
+        "--bf16", "true" if on_gpu else "false",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--logging_steps", "1000000",
+        "--sample_count", "0",
+        "--dataloader_pin_memory", str(on_gpu).lower(),
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def build_model(args):
+    """A GLM model with random weights in the shape of --model; bf16 on a GPU, fp32 on the CPU.
+
+    The config starts from the built-in tiny model of the family, so its token ids agree with the tokenizer.
+    """
+    import torch
+    from transformers import AutoConfig, GlmForCausalLM
+
+    from glm_sft.modeling import resolve_model_path
+
+    shape = {key: value for key, value in MODELS[args.model].items() if key != "family"}
+    config = AutoConfig.from_pretrained(resolve_model_path(tokenizer_name(args)))
+    for key, value in shape.items():
+        setattr(config, key, value)
+    config.max_position_embeddings = max(config.max_position_embeddings, args.max_length)
+    if args.model != "tiny":
+        config.initializer_range = 0.02  # the released checkpoints' value
+    torch.manual_seed(0)
+    if torch.cuda.is_available():
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = GlmForCausalLM(config)
+        torch.set_default_dtype(default)
+    else:
+        model = GlmForCausalLM(config)
+    return model
+
+
+def tokenizer_name(args) -> str:
+    return "builtin:tiny-glm4" if MODELS[args.model]["family"] == "glm4" else "builtin:tiny-chatglm3"
+
+
+class CountingCollator:
+    """Wraps a collator; counts the positions, real tokens and trained tokens it hands to the model."""
+
+    def __init__(self, collator, pad_mask_of):
+        self.collator, self.pad_mask_of = collator, pad_mask_of
+        self.positions = self.real = self.trained = 0
+        self.row_lengths = []
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        real = self.pad_mask_of(batch)
+        self.positions += batch["input_ids"].numel()
+        self.real += int(real.sum())
+        self.trained += int((batch["labels"] != -100).sum())
+        self.row_lengths += [int(sum(mask)) for mask in self.pad_mask_of_rows(examples)]
+        return batch
+
+    @staticmethod
+    def pad_mask_of_rows(examples):
+        return [example.get("attention_mask", [1] * len(example["input_ids"])) for example in examples]
+
+
+def held_out_loss(model, rows, device) -> float:
+    """Mean loss per answer token over the held-out rows, one row at a time (no padding involved)."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for row in rows:
+            input_ids = torch.tensor([row["input_ids"]], device=device)
+            labels = torch.tensor([row["labels"]], device=device)
+            logits = model(input_ids=input_ids).logits.float()
+            targets = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += loss.item()
+            count += int((targets != -100).sum())
+    return total / count
+
+
+def naive_rows(rows, max_length: int, pad_id: int):
+    """Every row padded to max_length, labels on every real token (the tutorials' preprocessing)."""
+    out = []
+    for row in rows:
+        ids = list(row["input_ids"])
+        pad = max_length - len(ids)
+        out.append(
+            {
+                "input_ids": ids + [pad_id] * pad,
+                "attention_mask": [1] * len(ids) + [0] * pad,
+                "labels": ids + [-100] * pad,
+            }
+        )
+    return out
+
+
+def run_arm(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import train
+    from glm_sft.arguments import parse_recipe
+    from glm_sft.data import read_datasets, tokenize_rows
+    from glm_sft.modeling import build_peft_config, load_tokenizer
+
+    work = tempfile.mkdtemp(prefix=f"bench-{args.worker}-")
+    argv = recipe_argv(args, work)
+    model = build_model(args)
+    device = model.device
+    if args.worker == "ours":
+        trainer, _, _ = train.build_trainer(argv, model=model)
+        eval_dataset = trainer.eval_dataset
+        trainer.eval_dataset = None
+    else:
+        from datasets import Dataset
+
+        model_args, data_args, training_args, _ = parse_recipe(argv)
+        train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
+        tokenizer, _ = load_tokenizer(model_args.model_name_or_path, model_args.template)
+        tokenize = dict(tokenizer=tokenizer, max_length=training_args.max_length, last_turn_only=False)
+        train_dataset = tokenize_rows(train_rows, name="train", **tokenize).select_columns(["input_ids", "labels"])
+        eval_dataset = tokenize_rows(eval_rows, name="eval", **tokenize).select_columns(["input_ids", "labels"])
+        common = dict(
+            output_dir=work,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            num_train_epochs=1,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type=training_args.lr_scheduler_type,
+            warmup_steps=training_args.warmup_steps,
+            seed=training_args.seed,
+            bf16=training_args.bf16,
+            gradient_checkpointing=training_args.gradient_checkpointing,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=1000000,
+            disable_tqdm=True,
+            dataloader_pin_memory=training_args.dataloader_pin_memory,
+        )
+        if args.worker == "trl":
+            from trl import SFTConfig, SFTTrainer
+
+            trainer = SFTTrainer(
+                model=model,
+                args=SFTConfig(max_length=args.max_length, **common),
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                peft_config=build_peft_config(model_args),
+            )
+        else:
+            from peft import get_peft_model
+            from transformers import Trainer, TrainingArguments, default_data_collator
+
+            if training_args.gradient_checkpointing:
+                model.enable_input_require_grads()
+            padded = Dataset.from_list(naive_rows(train_dataset, args.max_length, tokenizer.pad_token_id))
+            trainer = Trainer(
+                model=get_peft_model(model, build_peft_config(model_args)),
+                args=TrainingArguments(**common),
+                train_dataset=padded,
+                data_collator=default_data_collator,
+            )
+
+    def real_mask(batch):
+        if "attention_mask" in batch:
+            return batch["attention_mask"]
+        return torch.ones_like(batch["input_ids"])  # padding-free: every position is a real token
+
+    counter = CountingCollator(trainer.data_collator, real_mask)
+    trainer.data_collator = counter
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    figures = {
+        "rows": len(counter.row_lengths),
+        "seconds": round(seconds, 3),
+        "real_tokens": counter.real,
+        "trained_tokens": counter.trained,
+        "positions": counter.positions,
+        "real_tokens_per_s": counter.real / seconds,
+        "trained_tokens_per_s": counter.trained / seconds,
+        "padding_ratio": 1 - counter.real / counter.positions,
+    }
+    if device.type == "cuda":
+        figures["peak_memory_mb"] = {
+            "allocated": torch.cuda.max_memory_allocated() / 2**20,
+            "reserved": torch.cuda.max_memory_reserved() / 2**20,
+        }
+        figures["mfu"] = model_flops_utilization(model, counter.row_lengths, seconds)
+    else:
+        import resource
+
+        figures["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures["final_loss"] = held_out_loss(trainer.model, list(eval_dataset), device)
+    return figures
+
+
+def model_flops_utilization(model, row_lengths, seconds) -> float | None:
+    """Model FLOPs of the real tokens per second over the GPU's peak: LoRA trains ~4N per token (forward 2N, backward
+    through the frozen weights 2N), plus causal attention 6 * L^2 * width per row and layer (forward 2, backward 4)."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    if peak is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    weights = sum(p.numel() for n, p in base.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
+    width = config.num_attention_heads * config.head_dim
+    flops = 4 * weights * sum(row_lengths)
+    flops += sum(6 * length * length * width * config.num_hidden_layers for length in row_lengths)
+    return flops / seconds / peak
+
+
+# ----------------------------------------------------------------------------------------------------------- parent
+
+
+def run_all(args) -> dict:
+    runs = {arm: [] for arm in args.arms}
+    script = Path(__file__).resolve()
+    passthrough = [
+        "--model", args.model, "--rows", str(args.rows), "--max_length", str(args.max_length),
+        "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+        "--gradient_checkpointing", args.gradient_checkpointing,
+    ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    for repeat in range(args.repeats):
+        order = args.arms[repeat % len(args.arms) :] + args.arms[: repeat % len(args.arms)]
+        for arm in order:
+            with tempfile.NamedTemporaryFile(suffix=".json") as result:
+                print(f"[{repeat + 1}/{args.repeats}] {arm} ...", file=sys.stderr, flush=True)
+                command = [sys.executable, str(script), "--worker", arm, "--result", result.name, *passthrough]
+                done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+                    raise SystemExit(f"arm {arm} failed (exit code {done.returncode}); its output is above")
+                runs[arm].append(json.loads(Path(result.name).read_text()))
+    return summarize(args, runs)
+
+
+def summarize(args, runs) -> dict:
+    import torch
+
+    arms = {}
+    for arm, results in runs.items():
+        figures = {}
+        for key in results[0]:
+            values = [result[key] for result in results]
+            if isinstance(values[0], dict):
+                figures[key] = {k: statistics.median(v[k] for v in values) for k in values[0]}
+            elif values[0] is None:
+                figures[key] = None
+            else:
+                figures[key] = statistics.median(values)
+        figures["runs"] = results
+        arms[arm] = figures
+    if "trl" in arms:
+        reference = arms["trl"]
+        for figures in arms.values():
+            figures["vs_trl"] = {
+                "real_tokens_per_s": figures["real_tokens_per_s"] / reference["real_tokens_per_s"],
+                "trained_tokens_per_s": figures["trained_tokens_per_s"] / reference["trained_tokens_per_s"],
+                "final_loss": figures["final_loss"] / reference["final_loss"] - 1,
+            }
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    settings = {key: getattr(args, key) for key in ("model", "rows", "max_length", "batch_size", "repeats")}
+    settings["gradient_checkpointing"] = args.gradient_checkpointing == "true"
+    return {"device": device, "settings": settings, "arms": arms}
+
+
+def table(report) -> str:
+    arms = report["arms"]
+    lines = [
+        f"device: {report['device']}; settings: {json.dumps(report['settings'])}",
+        f"{'arm':<6} {'real tok/s':>11} {'trained tok/s':>14} {'padding':>8} {'peak MB':>16} {'mfu':>6} "
+        f"{'final loss':>11} {'tok/s vs trl':>13} {'loss vs trl':>12}",
+    ]
+    for arm, figures in arms.items():
+        memory = figures["peak_memory_mb"]
+        memory = f"{memory['allocated']:.0f}/{memory['reserved']:.0f}" if isinstance(memory, dict) else f"{memory:.0f}"
+        mfu = f"{figures['mfu']:.1%}" if figures.get("mfu") is not None else "-"
+        versus = figures.get("vs_trl")
+        speed = f"{versus['real_tokens_per_s']:.2f}x" if versus else "-"
+        loss = f"{versus['final_loss']:+.2%}" if versus else "-"
+        lines.append(
+            f"{arm:<6} {figures['real_tokens_per_s']:>11.0f} {figures['trained_tokens_per_s']:>14.0f} "
+            f"{figures['padding_ratio']:>8.1%} {memory:>16} {mfu:>6} {figures['final_loss']:>11.4f} {speed:>13} "
+            f"{loss:>12}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        Path(args.result).write_text(json.dumps(run_arm(args)))
+        return
+    report = run_all(args)
+    print(table(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Training speed that changes nothing the model learns: padding-free batches, varlen attention, fused LM head.
+
+Padding-free (the default): the rows of a batch are laid end to end in one sequence with no padding; position_ids
+restart at 0 at each row, so rotary positions are those of the row alone, and attention runs per row, so no token sees
+another row. The batch holds the same rows as a padded one and the loss is the same token-weighted mean; only the
+wasted work on padding is gone. `packing: true` (TRL's best-fit-decreasing packing to max_length) uses the same
+attention.
+
+Attention for such batches: flash-attention 2 (varlen) on a GPU when the flash_attn package is installed, else
+`sdpa_varlen` below: PyTorch's scaled_dot_product_attention run causally on each row's span, so each row costs its own
+length squared (an SDPA block-diagonal mask over the whole batch would cost the batch length squared).
+
+The LM head: TRL's SFTTrainer computes the loss from hidden states in tiles, only at trained positions, never
+materialising the (tokens x vocabulary) logits; `fused_lm_head_applied` checks that it is in place on our model.
+"""
+
+from glm_sft import UserError
+
+VARLEN_ATTENTION = "sdpa_varlen"
+
+
+def _segment_bounds(query, key, kwargs) -> list[int] | None:
+    """Row boundaries [0, e1, e2, ..., total] of a padding-free training batch, or None for any other batch.
+
+    The collator of a padding-free batch passes them as `cu_seq_lens_q` (as flash-attention's varlen kernels take
+    them); generation and padded batches have none and keep plain SDPA with their mask.
+    """
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or bounds.numel() <= 2:
+        return None
+    return bounds.tolist()
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal SDPA on each row of a padding-free batch; anything else (padded batches, generation) goes to plain SDPA."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = _segment_bounds(query, key, kwargs)
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        part, _ = sdpa_attention_forward(
+            module,
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            None,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=True,
+        )
+        outputs.append(part)
+    return torch.cat(outputs, dim=1), None
+
+
+def register_attention() -> None:
+    """Make `sdpa_varlen` a transformers attention implementation (its masks, for padded batches, are SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
+
+
+def flash_attention_usable(model) -> bool:
+    """flash-attention 2 needs CUDA, the flash_attn package and half-precision weights."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available() and model.dtype in (torch.bfloat16, torch.float16)
+
+
+def supports_padding_free(model) -> str | None:
+    """None when the model can take padding-free batches, else why not (in words)."""
+    if not getattr(model, "_supports_attention_backend", False) or not type(model).__module__.startswith(
+        "transformers."
+    ):
+        return f"{type(model).__name__} does not use transformers' attention functions"
+    return None
+
+
+def configure(model, model_args, training_args, given: set[str]) -> list[str]:
+    """Choose batching and attention for this run; returns the lines that describe the choice for the log.
+
+    `given` holds the recipe keys the user set, so an explicit `padding_free: true` that cannot be honoured is an
+    error while the default quietly falls back to padded, length-grouped batches.
+    """
+    asked = "padding_free" in given and training_args.padding_free
+    reason = supports_padding_free(model)
+    if model_args.finetuning_type == "ptuning":
+        reason = "P-Tuning v2 prefixes are a key/value cache that every row of the sequence would share"
+    if training_args.padding_free and reason:
+        if asked or training_args.packing:
+            key = "packing" if training_args.packing else "padding_free"
+            raise UserError(f"{key} cannot be used here: {reason}; set --{key} false")
+        training_args.padding_free = False
+    packed = training_args.padding_free or training_args.packing
+    if packed:
+        if flash_attention_usable(model):
+            attention = "flash_attention_2"
+        else:
+            register_attention()
+            attention = VARLEN_ATTENTION
+        model.set_attn_implementation(attention)
+        layout = "packed to max_length" if training_args.packing else "padding-free"
+        lines = [f"batches: {layout}, each row attends only to itself (attention: {attention})"]
+    else:
+        sampler = training_args.train_sampling_strategy
+        if sampler == "random" and "train_sampling_strategy" not in given:
+            training_args.train_sampling_strategy = sampler = "group_by_length"
+        why = f" ({reason})" if reason else ""
+        lines = [f"batches: padded to their longest row{why}; sampling: {sampler}"]
+    checkpointing = "on" if training_args.gradient_checkpointing else "off"
+    lines.append(f"gradient checkpointing: {checkpointing}")
+    return lines
+
+
+def fused_lm_head_applied(model) -> bool:
+    """Whether the model's forward is TRL's fused LM head (loss from hidden states in tiles, no full logits)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    code = getattr(getattr(base.forward, "__func__", None), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward"
