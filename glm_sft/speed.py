@@ -32,7 +32,7 @@ def _segment_bounds(query, key, kwargs) -> list[int] | None:
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Causal SDPA on each row of a padding-free batch; anything else (padded batches, generation) goes to plain SDPA."""
+    """Causal SDPA on each row of a padding-free batch; other batches (padded, generation) get plain SDPA."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -40,7 +40,7 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end <= start:
             continue
         part, _ = sdpa_attention_forward(
@@ -117,9 +117,31 @@ def configure(model, model_args, training_args, given: set[str]) -> list[str]:
             training_args.train_sampling_strategy = sampler = "group_by_length"
         why = f" ({reason})" if reason else ""
         lines = [f"batches: padded to their longest row{why}; sampling: {sampler}"]
+    if training_args.use_liger_kernel:
+        lines.append(check_liger(model))
     checkpointing = "on" if training_args.gradient_checkpointing else "off"
     lines.append(f"gradient checkpointing: {checkpointing}")
     return lines
+
+
+def check_liger(model) -> str:
+    """Liger patches by model type; refuse `use_liger_kernel` where it would only log and change nothing.
+
+    Liger's GLM patches are for Glm4ForCausalLM (model type glm4: GLM-4-0414). GLM-4-9B's -hf checkpoints and our
+    ChatGLM3 conversions are GlmForCausalLM (model type glm), for which Liger has none.
+    """
+    model_type = model.config.model_type
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise UserError("use_liger_kernel needs the liger-kernel package (CUDA): pip install liger-kernel") from None
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise UserError(
+            f"use_liger_kernel: Liger has no kernels for model type {model_type} ({type(model).__name__}); its GLM "
+            "patches are for Glm4ForCausalLM (GLM-4-0414). The loss is already fused by TRL; set --use_liger_kernel "
+            "false"
+        )
+    return f"Liger kernels: {model_type} (RMSNorm, SwiGLU; the loss stays TRL's fused LM head)"
 
 
 def fused_lm_head_applied(model) -> bool:

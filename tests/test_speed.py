@@ -87,8 +87,9 @@ def test_varlen_attention_matches_sdpa_block_mask_and_padded_rows(demo_trainer):
         try:
             block_mask = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
             longest = max(len(row["input_ids"]) for row in rows)
-            ids = torch.tensor([row["input_ids"] + [0] * (longest - len(row["input_ids"])) for row in rows])
-            mask = torch.tensor([[1] * len(row["input_ids"]) + [0] * (longest - len(row["input_ids"])) for row in rows])
+            lengths = [len(row["input_ids"]) for row in rows]
+            ids = torch.tensor([row["input_ids"] + [0] * (longest - n) for row, n in zip(rows, lengths, strict=True)])
+            mask = torch.tensor([[1] * n + [0] * (longest - n) for n in lengths])
             padded = base(input_ids=ids, attention_mask=mask).logits
         finally:
             base.set_attn_implementation(speed.VARLEN_ATTENTION)
@@ -96,7 +97,8 @@ def test_varlen_attention_matches_sdpa_block_mask_and_padded_rows(demo_trainer):
     bounds = batch["cu_seq_lens_q"].tolist()
     for index, row in enumerate(rows):
         length = len(row["input_ids"])
-        torch.testing.assert_close(varlen[0, bounds[index] : bounds[index + 1]], padded[index, :length], atol=1e-5, rtol=1e-5)
+        part = varlen[0, bounds[index] : bounds[index + 1]]
+        torch.testing.assert_close(part, padded[index, :length], atol=1e-5, rtol=1e-5)
 
 
 def test_fused_lm_head_never_builds_the_full_logits(demo_trainer):
@@ -146,3 +148,22 @@ def test_packing_uses_the_same_per_row_attention(tmp_path):
             alone = base(input_ids=torch.tensor([pack["input_ids"][start : start + length]])).logits[0]
             torch.testing.assert_close(packed[start : start + length], alone, atol=1e-5, rtol=1e-5)
             start += length
+
+
+def test_liger_is_refused_where_it_has_no_kernels_for_the_model(tmp_path, monkeypatch):
+    """Liger's GLM patches are for Glm4ForCausalLM (GLM-4-0414); on GlmForCausalLM it would log and change nothing."""
+    import sys
+    import types
+
+    argv = ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "l"), "--report_to", "none"]
+    argv += ["--use_liger_kernel", "true", "--sample_count", "0"]
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed
+    with pytest.raises(UserError, match="use_liger_kernel needs the liger-kernel package"):
+        train.build_trainer(argv)
+    patches = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patches.MODEL_TYPE_TO_APPLY_LIGER_FN = {"glm4": None, "llama": None}  # the keys Liger ships, in short
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patches)
+    with pytest.raises(UserError, match="Liger has no kernels for model type glm \\(GlmForCausalLM\\)"):
+        train.build_trainer(argv)
