@@ -19,16 +19,26 @@ from glm_sft import UserError
 VARLEN_ATTENTION = "sdpa_varlen"
 
 
-def _segment_bounds(query, key, kwargs) -> list[int] | None:
+def _segment_bounds(query, key, attention_mask, kwargs) -> list[int] | None:
     """Row boundaries [0, e1, e2, ..., total] of a padding-free training batch, or None for any other batch.
 
     The collator of a padding-free batch passes them as `cu_seq_lens_q` (as flash-attention's varlen kernels take
-    them); generation and padded batches have none and keep plain SDPA with their mask.
+    them); without them they are read from `position_ids`, which restart at 0 at each row. Generation and padded
+    batches come with a mask and keep plain SDPA.
     """
-    bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or bounds.numel() <= 2:
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return None
-    return bounds.tolist()
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is not None:
+        bounds = bounds.tolist()
+    elif attention_mask is None and kwargs.get("position_ids") is not None:
+        position_ids = kwargs["position_ids"].reshape(-1)
+        if position_ids.numel() != query.shape[2]:
+            return None
+        bounds = (position_ids == 0).nonzero().flatten().tolist() + [query.shape[2]]
+        if bounds[0] != 0:
+            return None
+    return bounds if bounds is not None and len(bounds) > 2 else None
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -36,7 +46,7 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = _segment_bounds(query, key, kwargs)
+    bounds = _segment_bounds(query, key, attention_mask, kwargs)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     outputs = []
@@ -57,13 +67,23 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     return torch.cat(outputs, dim=1), None
 
 
+def varlen_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """No mask for a batch without padding and without cache (the rows are told apart by position_ids); SDPA's
+    mask otherwise. Saves building a (tokens x tokens) block-diagonal mask for every padding-free batch."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs)
+
+
 def register_attention() -> None:
-    """Make `sdpa_varlen` a transformers attention implementation (its masks, for padded batches, are SDPA's)."""
+    """Make `sdpa_varlen` a transformers attention implementation."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, varlen_mask)
 
 
 def flash_attention_usable(model) -> bool:

@@ -44,6 +44,9 @@ def test_packed_batch_keeps_each_rows_logits(demo_trainer):
     base = trainer.model.get_base_model()
     with torch.no_grad():
         packed = base(**{key: value for key, value in batch.items() if key != "labels"}).logits[0]
+        # Without the collator's row boundaries, the rows are told apart by where position_ids restart.
+        from_positions = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        torch.testing.assert_close(from_positions, packed, atol=1e-5, rtol=1e-5)
         bounds = batch["cu_seq_lens_q"].tolist()
         for index, row in enumerate(rows):
             alone = base(input_ids=torch.tensor([row["input_ids"]])).logits[0]
