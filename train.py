@@ -91,12 +91,12 @@ def build_trainer(argv=None, model=None):
 
     from trl import SFTTrainer
 
-    trainer_args = training_args
-    if training_args.padding_free and not training_args.packing:
-        # Rows are already cut to max_length by our tokenization; TRL wants none to enforce without packing.
-        trainer_args = copy.copy(training_args)
-        trainer_args.max_length = None
     with tracking.reporting_without_disabled_swanlab(training_args, swanlab_mode):
+        trainer_args = training_args
+        if training_args.padding_free and not training_args.packing:
+            # Rows are already cut to max_length by our tokenization; TRL wants none to enforce without packing.
+            trainer_args = copy.copy(training_args)
+            trainer_args.max_length = None
         trainer = SFTTrainer(
             model=model,
             args=trainer_args,

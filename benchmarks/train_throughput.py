@@ -89,7 +89,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="rows per optimizer step, the same in every arm")
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--gradient_checkpointing", choices=("true", "false"), default="true")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each arm (interleaved); medians reported")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each arm (interleaved); medians reported")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     parser.add_argument("--output", help="also write the figures to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one arm and write its figures
@@ -168,25 +168,50 @@ def tokenizer_name(args) -> str:
 
 
 class CountingCollator:
-    """Wraps a collator; counts the positions, real tokens and trained tokens it hands to the model."""
+    """Wraps a collator; records, batch by batch, the positions, real tokens, trained tokens and row lengths."""
 
-    def __init__(self, collator, pad_mask_of):
-        self.collator, self.pad_mask_of = collator, pad_mask_of
-        self.positions = self.real = self.trained = 0
-        self.row_lengths = []
+    def __init__(self, collator):
+        self.collator, self.batches = collator, []
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        real = self.pad_mask_of(batch)
-        self.positions += batch["input_ids"].numel()
-        self.real += int(real.sum())
-        self.trained += int((batch["labels"] != -100).sum())
-        self.row_lengths += [int(sum(mask)) for mask in self.pad_mask_of_rows(examples)]
+        # Real tokens: the rows' own lengths (the naive arm's rows come padded, with their attention_mask).
+        rows = [
+            int(sum(example["attention_mask"])) if "attention_mask" in example else len(example["input_ids"])
+            for example in examples
+        ]
+        self.batches.append(
+            {
+                "positions": batch["input_ids"].numel(),
+                "real": sum(rows),
+                "trained": int((batch["labels"] != -100).sum()),
+                "rows": rows,
+            }
+        )
         return batch
 
+
+class StepClock:
+    """A TrainerCallback that notes the time at the end of every optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.synchronize()
+                clock.times.append(time.perf_counter())
+
+        self.callback, self.times = Callback(), []
+
     @staticmethod
-    def pad_mask_of_rows(examples):
-        return [example.get("attention_mask", [1] * len(example["input_ids"])) for example in examples]
+    def synchronize():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def held_out_loss(model, rows, device) -> float:
@@ -293,37 +318,39 @@ def run_arm(args) -> dict:
                 data_collator=default_data_collator,
             )
 
-    def real_mask(batch):
-        if "attention_mask" in batch:
-            return batch["attention_mask"]
-        return torch.ones_like(batch["input_ids"])  # padding-free: every position is a real token
-
-    counter = CountingCollator(trainer.data_collator, real_mask)
+    counter, clock = CountingCollator(trainer.data_collator), StepClock()
     trainer.data_collator = counter
+    trainer.add_callback(clock.callback)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+    clock.synchronize()
     start = time.perf_counter()
     trainer.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    # Steady state: from the end of the first step (set-up, first-call allocations) to the end of the last; the tokens
+    # of steps 2..N. With one batch per step and batches collated in step order, step i trained batch i.
+    steps = len(clock.times)
+    if steps < 2:
+        raise SystemExit(f"only {steps} optimizer step(s): give --rows at least twice --batch_size")
+    seconds = clock.times[-1] - clock.times[0]
+    measured = counter.batches[1:steps]
+    total = {key: sum(batch[key] for batch in measured) for key in ("positions", "real", "trained")}
     figures = {
-        "rows": len(counter.row_lengths),
-        "seconds": round(seconds, 3),
-        "real_tokens": counter.real,
-        "trained_tokens": counter.trained,
-        "positions": counter.positions,
-        "real_tokens_per_s": counter.real / seconds,
-        "trained_tokens_per_s": counter.trained / seconds,
-        "padding_ratio": 1 - counter.real / counter.positions,
+        "steps": steps,
+        "seconds_measured": round(seconds, 3),
+        "seconds_with_first_step": round(clock.times[-1] - start, 3),
+        "real_tokens": total["real"],
+        "trained_tokens": total["trained"],
+        "positions": total["positions"],
+        "real_tokens_per_s": total["real"] / seconds,
+        "trained_tokens_per_s": total["trained"] / seconds,
+        "padding_ratio": 1 - total["real"] / total["positions"],
     }
     if device.type == "cuda":
         figures["peak_memory_mb"] = {
             "allocated": torch.cuda.max_memory_allocated() / 2**20,
             "reserved": torch.cuda.max_memory_reserved() / 2**20,
         }
-        figures["mfu"] = model_flops_utilization(model, counter.row_lengths, seconds)
+        figures["mfu"] = model_flops_utilization(model, [n for batch in measured for n in batch["rows"]], seconds)
     else:
         import resource
 
@@ -392,10 +419,12 @@ def summarize(args, runs) -> dict:
                 figures[key] = statistics.median(values)
         figures["runs"] = results
         arms[arm] = figures
-    if "trl" in arms:
-        reference = arms["trl"]
+    for name in ("trl", "naive"):  # ratios against trl for every arm, and against naive
+        if name not in arms:
+            continue
+        reference = arms[name]
         for figures in arms.values():
-            figures["vs_trl"] = {
+            figures[f"vs_{name}"] = {
                 "real_tokens_per_s": figures["real_tokens_per_s"] / reference["real_tokens_per_s"],
                 "trained_tokens_per_s": figures["trained_tokens_per_s"] / reference["trained_tokens_per_s"],
                 "final_loss": figures["final_loss"] / reference["final_loss"] - 1,
@@ -425,6 +454,11 @@ def table(report) -> str:
             f"{figures['padding_ratio']:>8.1%} {memory:>16} {mfu:>6} {figures['final_loss']:>11.4f} {speed:>13} "
             f"{loss:>12}"
         )
+    if "ours" in arms:
+        ours = arms["ours"]
+        versus = [f"{ours[f'vs_{name}']['real_tokens_per_s']:.2f}x {name}" for name in ("trl", "naive") if name in arms]
+        if versus:
+            lines.append(f"ours: real tokens/s {', '.join(versus)}")
     return "\n".join(lines)
 
 

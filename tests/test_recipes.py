@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import REPO, chat_once, run_script
+from conftest import REPO, chat_once
 
 from glm_sft.arguments import parse_recipe
 
@@ -31,24 +31,15 @@ GPU_RECIPES = [path for path in RECIPES if not path.stem.startswith("demo")]  # 
 
 
 @pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda path: path.name)
-def test_gpu_recipe_runs_two_steps_on_the_tiny_model(recipe, tmp_path):
+def test_gpu_recipe_runs_two_steps_on_the_tiny_model(recipe, tmp_path, capfd, monkeypatch):
+    """In this process (train.main, as `python train.py` calls it), to spare eight interpreter start-ups."""
+    import train
+
+    monkeypatch.chdir(REPO)
     output_dir = tmp_path / "out"
-    result = run_script(
-        "train.py",
-        "--config",
-        Path("recipes") / recipe.name,
-        "--model_name_or_path",
-        TINY_MODEL[recipe.stem[:4]],
-        "--bf16",
-        "false",
-        "--max_steps",
-        "2",
-        "--eval_steps",
-        "1",
-        "--output_dir",
-        output_dir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "eval_loss" in result.stdout + result.stderr  # val_size held rows out and they were evaluated
+    argv = ["--config", f"recipes/{recipe.name}", "--model_name_or_path", TINY_MODEL[recipe.stem[:4]], "--bf16"]
+    train.main(argv + ["false", "--max_steps", "2", "--eval_steps", "1", "--output_dir", str(output_dir)])
+    captured = capfd.readouterr()
+    assert "eval_loss" in captured.out + captured.err  # val_size held rows out and they were evaluated
     flag = "--model" if (output_dir / "config.json").exists() else "--adapter"  # full fine-tunes save a whole model
     assert chat_once(flag, output_dir, "--prompt", "你好", "--temperature", "0", "--max_new_tokens", "4").strip()
