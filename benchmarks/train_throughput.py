@@ -381,7 +381,7 @@ def model_flops_utilization(model, row_lengths, seconds) -> float | None:
 
 
 def run_all(args) -> dict:
-    runs = {arm: [] for arm in args.arms}
+    runs, failed = {arm: [] for arm in args.arms}, {}
     script = Path(__file__).resolve()
     passthrough = [
         "--model", args.model, "--rows", str(args.rows), "--max_length", str(args.max_length),
@@ -396,18 +396,26 @@ def run_all(args) -> dict:
                 print(f"[{repeat + 1}/{args.repeats}] {arm} ...", file=sys.stderr, flush=True)
                 command = [sys.executable, str(script), "--worker", arm, "--result", result.name, *passthrough]
                 done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
-                if done.returncode != 0:
-                    sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-                    raise SystemExit(f"arm {arm} failed (exit code {done.returncode}); its output is above")
+                if done.returncode != 0:  # e.g. out of GPU memory: reported, and the other arms go on
+                    sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+                    last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+                    print(f"arm {arm} failed (exit code {done.returncode}): {last}", file=sys.stderr)
+                    failed[arm] = last
+                    continue
                 runs[arm].append(json.loads(Path(result.name).read_text()))
-    return summarize(args, runs)
+    if not any(runs.values()):
+        raise SystemExit("every arm failed; their output is above")
+    return summarize(args, runs, failed)
 
 
-def summarize(args, runs) -> dict:
+def summarize(args, runs, failed=None) -> dict:
     import torch
 
     arms = {}
     for arm, results in runs.items():
+        if not results:
+            arms[arm] = {"error": (failed or {}).get(arm, "no run")}
+            continue
         figures = {}
         for key in results[0]:
             values = [result[key] for result in results]
@@ -420,10 +428,12 @@ def summarize(args, runs) -> dict:
         figures["runs"] = results
         arms[arm] = figures
     for name in ("trl", "naive"):  # ratios against trl for every arm, and against naive
-        if name not in arms:
+        if "real_tokens_per_s" not in arms.get(name, {}):
             continue
         reference = arms[name]
         for figures in arms.values():
+            if "error" in figures:
+                continue
             figures[f"vs_{name}"] = {
                 "real_tokens_per_s": figures["real_tokens_per_s"] / reference["real_tokens_per_s"],
                 "trained_tokens_per_s": figures["trained_tokens_per_s"] / reference["trained_tokens_per_s"],
@@ -443,6 +453,9 @@ def table(report) -> str:
         f"{'final loss':>11} {'tok/s vs trl':>13} {'loss vs trl':>12}",
     ]
     for arm, figures in arms.items():
+        if "error" in figures:
+            lines.append(f"{arm:<6} failed: {figures['error']}")
+            continue
         memory = figures["peak_memory_mb"]
         memory = f"{memory['allocated']:.0f}/{memory['reserved']:.0f}" if isinstance(memory, dict) else f"{memory:.0f}"
         mfu = f"{figures['mfu']:.1%}" if figures.get("mfu") is not None else "-"
@@ -454,9 +467,13 @@ def table(report) -> str:
             f"{figures['padding_ratio']:>8.1%} {memory:>16} {mfu:>6} {figures['final_loss']:>11.4f} {speed:>13} "
             f"{loss:>12}"
         )
-    if "ours" in arms:
-        ours = arms["ours"]
-        versus = [f"{ours[f'vs_{name}']['real_tokens_per_s']:.2f}x {name}" for name in ("trl", "naive") if name in arms]
+    ours = arms.get("ours", {})
+    if "error" not in ours:
+        versus = [
+            f"{ours[f'vs_{name}']['real_tokens_per_s']:.2f}x {name}"
+            for name in ("trl", "naive")
+            if f"vs_{name}" in ours
+        ]
         if versus:
             lines.append(f"ours: real tokens/s {', '.join(versus)}")
     return "\n".join(lines)

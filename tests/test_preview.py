@@ -24,8 +24,14 @@ def test_preview_json_matches_the_trainers_dataset_and_batches(tmp_path, monkeyp
     dataset = trainer.train_dataset
     assert [row["input_ids"] for row in dataset] == [record["input_ids"] for record in records]
     assert [row["labels"] for row in dataset] == [record["labels"] for record in records]
-    # The collator pads but changes no label: the batch trains exactly the previewed tokens.
+    # The collator lays the rows end to end (padding-free) and changes no label: the batch trains exactly the
+    # previewed tokens. With padding (--padding_free false) the rows keep their labels and the rest is ignored.
     batch = trainer.data_collator([dataset[0], dataset[1]])
+    assert batch["labels"][0].tolist() == records[0]["labels"] + records[1]["labels"]
+    padded, _, _ = train.build_trainer(
+        ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "out"), "--padding_free", "false"]
+    )
+    batch = padded.data_collator([dataset[0], dataset[1]])
     for row, record in enumerate(records[:2]):
         length = len(record["labels"])
         assert batch["labels"][row, :length].tolist() == record["labels"]

@@ -1,7 +1,5 @@
 """Every recipe parses, and the GPU recipes run on the tiny model of their family."""
 
-from pathlib import Path
-
 import pytest
 from conftest import REPO, chat_once
 

@@ -121,6 +121,10 @@ def test_ptuning_falls_back_to_length_grouped_padded_batches(tmp_path):
     )
     assert not trainer.data_collator.padding_free
     assert trainer.args.train_sampling_strategy == "group_by_length"
+    sampler = trainer._get_train_sampler()
+    assert type(sampler).__name__ == "LengthGroupedSampler"
+    order = list(sampler)
+    assert sorted(order) == list(range(len(trainer.train_dataset)))  # every row once, grouped by length
     assert extras[-1][0].startswith("batches: padded to their longest row (P-Tuning v2")
 
 
