@@ -250,7 +250,8 @@ def naive_rows(rows, max_length: int, pad_id: int):
     return out
 
 
-def run_arm(args) -> dict:
+def run_arm(args, work: str) -> dict:
+    """Train one arm in this process (output_dir: work) and return its figures."""
     import torch
 
     if args.threads:
@@ -260,7 +261,6 @@ def run_arm(args) -> dict:
     from glm_sft.data import read_datasets, tokenize_rows
     from glm_sft.modeling import build_peft_config, load_tokenizer
 
-    work = tempfile.mkdtemp(prefix=f"bench-{args.worker}-")
     argv = recipe_argv(args, work)
     model = build_model(args)
     device = model.device
@@ -482,7 +482,8 @@ def table(report) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        Path(args.result).write_text(json.dumps(run_arm(args)))
+        with tempfile.TemporaryDirectory(prefix=f"bench-{args.worker}-") as work:
+            Path(args.result).write_text(json.dumps(run_arm(args, work)))
         return
     report = run_all(args)
     print(table(report))
