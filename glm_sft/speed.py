@@ -116,7 +116,7 @@ def configure(model, model_args, training_args, given: set[str]) -> list[str]:
     reason = supports_padding_free(model)
     if model_args.finetuning_type == "ptuning":
         reason = "P-Tuning v2 prefixes are a key/value cache that every row of the sequence would share"
-    if training_args.padding_free and reason:
+    if (training_args.padding_free or training_args.packing) and reason:
         if asked or training_args.packing:
             key = "packing" if training_args.packing else "padding_free"
             raise UserError(f"{key} cannot be used here: {reason}; set --{key} false")
