@@ -30,6 +30,25 @@ from glm_sft.modeling import (
 )
 
 
+def tokenized_datasets(tokenizer, train_rows, eval_rows, data_args, training_args):
+    """(train, eval or None) datasets of input_ids and labels, as the trainer gets them.
+
+    Tokenized once per machine, by its main process; the others load the result.
+    """
+    tokenize = dict(
+        tokenizer=tokenizer,
+        max_length=training_args.max_length,
+        last_turn_only=data_args.last_turn_only,
+        num_proc=training_args.dataset_num_proc,
+    )
+    return tuple(
+        tokenize_once(training_args, rows, name=name, **tokenize).select_columns(["input_ids", "labels"])
+        if rows
+        else None
+        for name, rows in (("train", train_rows), ("eval", eval_rows))
+    )
+
+
 def build_trainer(argv=None, model=None):
     """Everything up to training: recipe, data, tokenizer, model, trainer. Returns (trainer, recipe parts, extras).
 
@@ -62,19 +81,7 @@ def build_trainer(argv=None, model=None):
     tokenizer, family = load_tokenizer(
         model_args.model_name_or_path, model_args.template, training_args.trust_remote_code
     )
-    tokenize = dict(
-        tokenizer=tokenizer,
-        max_length=training_args.max_length,
-        last_turn_only=data_args.last_turn_only,
-        num_proc=training_args.dataset_num_proc,
-    )
-    # Tokenized once per machine, by its main process; the others load the result.
-    train_dataset = tokenize_once(training_args, train_rows, name="train", **tokenize)
-    train_dataset = train_dataset.select_columns(["input_ids", "labels"])
-    eval_dataset = None
-    if eval_rows:
-        eval_dataset = tokenize_once(training_args, eval_rows, name="eval", **tokenize)
-        eval_dataset = eval_dataset.select_columns(["input_ids", "labels"])
+    train_dataset, eval_dataset = tokenized_datasets(tokenizer, train_rows, eval_rows, data_args, training_args)
 
     if model is None:
         model = load_model(

@@ -41,40 +41,22 @@ ARMS = ("naive", "trl", "ours")
 DATA = "data/alpaca_zh_demo.json,data/multi_turn.jsonl,data/length_skewed.json"
 HELD_OUT_ROWS = 32
 RECIPE = "recipes/glm4_lora.yaml"
-# Model shapes. tiny: the built-in models' architecture; the others: the released checkpoints' configs.
+# Model shapes, over the config of the family's built-in model: tiny is that model's layers (hidden 256, 2 layers)
+# with a 6000-token output layer; the others are the released checkpoints' configs.
+GLM4_9B = dict(
+    hidden_size=4096,
+    intermediate_size=13696,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    vocab_size=151552,
+    attention_bias=True,
+)
 MODELS = {
-    "tiny": dict(
-        family="glm4",
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        vocab_size=6000,
-    ),
-    "glm4-9b": dict(
-        family="glm4",
-        hidden_size=4096,
-        intermediate_size=13696,
-        num_hidden_layers=40,
-        num_attention_heads=32,
-        num_key_value_heads=2,
-        head_dim=128,
-        vocab_size=151552,
-        attention_bias=True,
-    ),
-    "chatglm3-6b": dict(
-        family="chatglm3",
-        hidden_size=4096,
-        intermediate_size=13696,
-        num_hidden_layers=28,
-        num_attention_heads=32,
-        num_key_value_heads=2,
-        head_dim=128,
-        vocab_size=65024,
-        attention_bias=True,
-    ),
+    "tiny": dict(family="glm4", vocab_size=6000),
+    "glm4-9b": dict(family="glm4", **GLM4_9B),
+    "chatglm3-6b": dict(GLM4_9B, family="chatglm3", num_hidden_layers=28, vocab_size=65024),  # same layer shape
 }
 # Dense bf16 peak of the GPUs we report MFU on, in FLOP/s.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
@@ -258,7 +240,7 @@ def run_arm(args, work: str) -> dict:
         torch.set_num_threads(args.threads)
     import train
     from glm_sft.arguments import parse_recipe
-    from glm_sft.data import read_datasets, tokenize_rows
+    from glm_sft.data import read_datasets
     from glm_sft.modeling import build_peft_config, load_tokenizer
 
     argv = recipe_argv(args, work)
@@ -267,16 +249,15 @@ def run_arm(args, work: str) -> dict:
     if args.worker == "ours":
         trainer, _, _ = train.build_trainer(argv, model=model)
         eval_dataset = trainer.eval_dataset
-        trainer.eval_dataset = None
     else:
         from datasets import Dataset
 
         model_args, data_args, training_args, _ = parse_recipe(argv)
         train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
         tokenizer, _ = load_tokenizer(model_args.model_name_or_path, model_args.template)
-        tokenize = dict(tokenizer=tokenizer, max_length=training_args.max_length, last_turn_only=False)
-        train_dataset = tokenize_rows(train_rows, name="train", **tokenize).select_columns(["input_ids", "labels"])
-        eval_dataset = tokenize_rows(eval_rows, name="eval", **tokenize).select_columns(["input_ids", "labels"])
+        train_dataset, eval_dataset = train.tokenized_datasets(
+            tokenizer, train_rows, eval_rows, data_args, training_args
+        )
         common = dict(
             output_dir=work,
             per_device_train_batch_size=args.batch_size,
