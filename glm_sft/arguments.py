@@ -198,18 +198,24 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
 RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "hub_token")
 
 
-def given_keys(argv: list[str]) -> list[str]:
-    """The keys the user set: those of the --config recipe, then those given on the command line."""
+def command_line_keys(argv: list[str]) -> list[str]:
+    """The keys given on the command line (`--key value` or `--key=value`), --config left out, in order."""
     keys = []
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        with open(argv[argv.index("--config") + 1], encoding="utf-8") as file:
-            keys += [key for key in (yaml.safe_load(file) or {}) if key != "env"]
     for item in argv:
         if item.startswith("--") and item != "--config":
             key = item[2:].split("=", 1)[0]
             if key not in keys:
                 keys.append(key)
     return keys
+
+
+def given_keys(argv: list[str]) -> list[str]:
+    """The keys the user set: those of the --config recipe, then those given on the command line."""
+    keys = []
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        with open(argv[argv.index("--config") + 1], encoding="utf-8") as file:
+            keys += [key for key in (yaml.safe_load(file) or {}) if key != "env"]
+    return keys + [key for key in command_line_keys(argv) if key not in keys]
 
 
 def save_recipe(path, argv: list[str], *dataclass_objects) -> None:

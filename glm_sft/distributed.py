@@ -13,6 +13,7 @@ import sys
 import time
 
 from glm_sft import UserError
+from glm_sft.arguments import command_line_keys
 
 # How long a process other than the main one waits before reporting a UserError: the main process meets the same
 # error at the same point, reports it and exits, and the launcher then ends the others, so the user reads it once.
@@ -68,7 +69,7 @@ def launch_arguments(argv: list[str]) -> list[str]:
     check_devices(local_processes, cuda_devices)
     if cuda_devices:
         return []
-    given = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")}
+    given = command_line_keys(argv)
     if uses_deepspeed():
         return [] if "ddp_backend" in given else ["--ddp_backend", "gloo"]
     return [] if "use_cpu" in given else ["--use_cpu", "true"]
@@ -205,5 +206,5 @@ def defer_to_main_process() -> None:
     The main process meets the same error (same recipe, same data) and reports it; the launcher then ends the
     others, so the message is read once. An error only this process meets is still reported after the wait.
     """
-    if _env_int("WORLD_SIZE", 1) > 1 and _env_int("RANK", 0) != 0:
+    if launched_processes()[1] > 1 and _env_int("RANK", 0) != 0:
         time.sleep(DEFER_ERROR_SECONDS)

@@ -12,6 +12,7 @@ def test_every_data_format_example_in_the_readme_loads(tmp_path):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     examples = re.findall(r"```json\n(.*?)\n```", readme, flags=re.S)
     assert len(examples) == 9  # five plain formats, then one tool-calling conversation in four shapes
+    firsts = []
     for index, example in enumerate(examples):
         path = tmp_path / f"example{index}.jsonl"
         path.write_text(json.dumps(json.loads(example), ensure_ascii=False) + "\n", encoding="utf-8")
@@ -19,7 +20,8 @@ def test_every_data_format_example_in_the_readme_loads(tmp_path):
         assert stats.used == 1
         roles = [message["role"] for message in rows[0]["messages"]]
         assert roles[-1] == "assistant" and "user" in roles
-    tool_rows = [read_conversations(str(tmp_path / f"example{index}.jsonl"))[0][0] for index in range(5, 9)]
+        firsts.append(rows[0])
+    tool_rows = firsts[5:9]
     assert all(
         row["tools"] == tool_rows[0]["tools"] and row["messages"] == tool_rows[0]["messages"] for row in tool_rows
     )
@@ -27,5 +29,5 @@ def test_every_data_format_example_in_the_readme_loads(tmp_path):
         "name": "get_weather",
         "arguments": {"city": "北京"},
     }
-    alpaca = read_conversations(str(tmp_path / "example1.jsonl"))[0][0]["messages"]
+    alpaca = firsts[1]["messages"]
     assert alpaca[-2]["content"] == "把这句话翻译成英文\n\n今天天气很好" and alpaca[0]["content"] == "你好"
