@@ -10,29 +10,40 @@ Writes DIR/predictions.jsonl (prompt, reference, reply per row) and DIR/metrics.
 import argparse
 import sys
 
-from chat_cli import add_model_arguments, check_model_arguments, load_chat_model
 from glm_sft import exit_on_user_error
 from glm_sft.data import read_conversations
-from glm_sft.generation import predict
-from glm_sft.modeling import read_run_recipe
+from glm_sft.evaluation import predict
+from glm_sft.inference import add_model_arguments, load_from_arguments
+from glm_sft.loading import read_run_recipe
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
-    parser.add_argument("--dataset_name", required=True, help="eval data: a file, a folder or a comma list")
-    parser.add_argument("--output_dir", required=True, help="where predictions.jsonl and metrics.json go")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="longest reply, in tokens (default 512)")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
-    parser.add_argument("--max_samples", type=int, help="score only the first N rows")
+    parser.add_argument(
+        "--dataset_name", "--dataset-name", required=True, help="eval data: a file, a folder or a comma list"
+    )
+    parser.add_argument(
+        "--output_dir", "--output-dir", required=True, help="where predictions.jsonl and metrics.json go"
+    )
+    parser.add_argument(
+        "--max_new_tokens", "--max-new-tokens", type=int, default=512, help="longest reply, in tokens (default 512)"
+    )
+    parser.add_argument(
+        "--batch_size", "--batch-size", type=int, default=8, help="prompts generated together (default 8)"
+    )
+    parser.add_argument("--max_samples", "--max-samples", type=int, help="score only the first N rows")
     # Data options; unset ones come from the run's recipe.yaml, as the model was trained with them.
-    parser.add_argument("--dataset_format", help="auto, messages, sharegpt, alpaca, firefly or columns")
-    parser.add_argument("--prompt_column", help="prompt column for the columns format")
-    parser.add_argument("--response_column", help="response column for the columns format")
-    parser.add_argument("--assistant_name", help="fills {{name}} in self-cognition data")
-    parser.add_argument("--assistant_author", help="fills {{author}} in self-cognition data")
+    parser.add_argument(
+        "--dataset_format", "--dataset-format", help="auto, messages, sharegpt, alpaca, firefly or columns"
+    )
+    parser.add_argument("--prompt_column", "--prompt-column", help="prompt column for the columns format")
+    parser.add_argument("--response_column", "--response-column", help="response column for the columns format")
+    parser.add_argument("--assistant_name", "--assistant-name", help="fills {{name}} in self-cognition data")
+    parser.add_argument("--assistant_author", "--assistant-author", help="fills {{author}} in self-cognition data")
     args = parser.parse_args(argv)
-    check_model_arguments(parser, args)
+    if not args.model and not args.adapter:
+        parser.error("give --model DIR, --adapter DIR, or both")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         parser.error("--max_new_tokens and --batch_size must be at least 1")
     return args
@@ -60,14 +71,14 @@ def read_rows(args) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     rows = read_rows(args)  # data problems are reported before the model loads
-    model, tokenizer, stop_ids = load_chat_model(args)
-    print(f"evaluating {args.adapter or args.model} on {len(rows)} rows of {args.dataset_name}", file=sys.stderr)
+    chat = load_from_arguments(args)
+    print(f"evaluating {chat.name} on {len(rows)} rows of {args.dataset_name}", file=sys.stderr)
     metrics = predict(
-        model,
-        tokenizer,
+        chat.model,
+        chat.tokenizer,
         rows,
         args.output_dir,
-        stop_ids=stop_ids,
+        stop_ids=chat.stop_ids,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )

@@ -1,12 +1,12 @@
 """Export a fine-tuned GLM model as one plain transformers directory (no glm-sft code, no trust_remote_code needed).
 
-    python export.py output/demo --out-dir exported/demo                    # LoRA/DoRA/QLoRA: merged into the base
-    python export.py output/full-run/checkpoint-500 --out-dir exported/full --dtype bf16   # full/freeze, checkpoints
-    python export.py output/demo --out-dir exported/demo --force            # replace an existing export
+    python export.py output/demo --out_dir exported/demo                    # LoRA/DoRA/QLoRA: merged into the base
+    python export.py output/full-run/checkpoint-500 --out_dir exported/full --dtype bf16   # full/freeze, checkpoints
+    python export.py output/demo --out_dir exported/demo --force            # replace an existing export
 
-The result holds safetensors weights (sharded with an index above --max-shard-size), config.json with the native
+The result holds safetensors weights (sharded with an index above --max_shard_size), config.json with the native
 class, the tokenizer with the family's chat template, generation_config.json with the family's stop ids and a
-README.md model card. It is written into a hidden folder beside --out-dir and renamed into place when complete.
+README.md model card. It is written into a hidden folder beside --out_dir and renamed into place when complete.
 """
 
 import argparse
@@ -51,10 +51,14 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penal
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="adapter or model directory written by train.py, or one of its checkpoint-N")
-    parser.add_argument("--out-dir", required=True, help="where the exported model goes (must be empty or absent)")
+    parser.add_argument(
+        "--out_dir", "--out-dir", required=True, help="where the exported model goes (must be empty or absent)"
+    )
     parser.add_argument("--dtype", default="bf16", help="weights dtype: bf16 (default), fp16 or fp32")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out-dir once the export is done")
+    parser.add_argument(
+        "--max_shard_size", "--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out_dir once the export is done")
     return parser.parse_args(argv)
 
 
@@ -77,7 +81,7 @@ def check_arguments(args) -> tuple[Path, Path]:
     try:
         convert_file_size_to_int(args.max_shard_size)
     except ValueError:
-        raise UserError(f"--max-shard-size {args.max_shard_size!r} is not a size such as 5GB or 500MB") from None
+        raise UserError(f"--max_shard_size {args.max_shard_size!r} is not a size such as 5GB or 500MB") from None
     if not source.is_dir():
         raise UserError(f"{source}: no such directory")
     if not (source / "adapter_config.json").is_file() and not (source / "config.json").is_file():
@@ -87,18 +91,18 @@ def check_arguments(args) -> tuple[Path, Path]:
         )
     if out_dir.exists():
         if not out_dir.is_dir():
-            raise UserError(f"--out-dir {out_dir} exists and is not a directory")
+            raise UserError(f"--out_dir {out_dir} exists and is not a directory")
         if any(out_dir.iterdir()) and not args.force:
-            raise UserError(f"--out-dir {out_dir} is not empty; pass --force to replace it")
+            raise UserError(f"--out_dir {out_dir} is not empty; pass --force to replace it")
         resolved_out, resolved_source = out_dir.resolve(), source.resolve()
         if resolved_source == resolved_out or resolved_out in resolved_source.parents:
-            raise UserError(f"--out-dir {out_dir} holds the model being exported; choose another directory")
+            raise UserError(f"--out_dir {out_dir} holds the model being exported; choose another directory")
     return source, out_dir
 
 
 def load_merged_model(source: Path, recipe: dict, dtype):
     """(model with plain weights, description) for an adapter merged into its base, or a full/freeze result."""
-    from glm_sft.modeling import load_adapter_model, load_model
+    from glm_sft.loading import load_adapter_model, load_model
 
     adapter_config = read_json(source / "adapter_config.json")
     if not adapter_config:
@@ -131,7 +135,7 @@ def load_merged_model(source: Path, recipe: dict, dtype):
 
 def load_export_tokenizer(source: Path, recipe: dict, base: str | None):
     """The run's tokenizer with the family's template: from the directory, the run's output_dir, or the base."""
-    from glm_sft.modeling import load_tokenizer
+    from glm_sft.loading import load_tokenizer
 
     candidates = [str(source), str(source.parent)] + ([base] if base else [])
     for candidate in candidates:
@@ -142,7 +146,7 @@ def load_export_tokenizer(source: Path, recipe: dict, base: str | None):
 
 def generation_config(source: Path, tokenizer, family: str):
     """The family's stop ids, plus the sampling settings in the run's generation_config.json (if any)."""
-    from glm_sft.modeling import generation_config_for
+    from glm_sft.inference import generation_config_for
 
     config = generation_config_for(tokenizer, family)
     recorded = read_json(source / "generation_config.json")
@@ -255,7 +259,7 @@ def main(argv=None):
     args = parse_args(argv)
     source, out_dir = check_arguments(args)
 
-    from glm_sft.modeling import quiet_transformers, read_run_recipe, torch_dtype
+    from glm_sft.loading import quiet_transformers, read_run_recipe, torch_dtype
 
     quiet_transformers()
     dtype = torch_dtype(args.dtype, "full", False)

@@ -2,7 +2,7 @@
 
   naive  every row padded to max_length, every token trained (what most fine-tuning tutorials do), transformers Trainer
   trl    plain TRL SFTTrainer defaults: each batch padded to its longest row, loss on the assistant tokens
-  ours   train.py's build_trainer with recipes/glm4_lora.yaml: padding-free batches, per-row attention, fused LM head
+  ours   glm_sft.run.build_run with recipes/glm4_lora.yaml: padding-free batches, per-row attention, fused LM head
 
 Each arm runs in a fresh Python process, the arms interleaved (repeat r starts with a different arm), so no arm
 inherits another's warm caches or allocator state. All arms read the same rows with our readers and templates; the
@@ -124,7 +124,7 @@ def build_model(args):
     import torch
     from transformers import AutoConfig, GlmForCausalLM
 
-    from glm_sft.modeling import resolve_model_path
+    from glm_sft.loading import resolve_model_path
 
     shape = {key: value for key, value in MODELS[args.model].items() if key != "family"}
     config = AutoConfig.from_pretrained(resolve_model_path(tokenizer_name(args)))
@@ -238,26 +238,26 @@ def run_arm(args, work: str) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import train
     from glm_sft.arguments import parse_recipe
     from glm_sft.data import read_datasets
-    from glm_sft.modeling import build_peft_config, load_tokenizer
+    from glm_sft.loading import load_tokenizer
+    from glm_sft.methods import build_peft_config
+    from glm_sft.run import build_run, tokenized_datasets
 
     argv = recipe_argv(args, work)
     model = build_model(args)
     device = model.device
     if args.worker == "ours":
-        trainer, _, _ = train.build_trainer(argv, model=model)
+        trainer = build_run(parse_recipe(argv), model=model).trainer
         eval_dataset = trainer.eval_dataset
     else:
         from datasets import Dataset
 
-        model_args, data_args, training_args, _ = parse_recipe(argv)
+        recipe = parse_recipe(argv)
+        model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
         train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
         tokenizer, _ = load_tokenizer(model_args.model_name_or_path, model_args.template)
-        train_dataset, eval_dataset = train.tokenized_datasets(
-            tokenizer, train_rows, eval_rows, data_args, training_args
-        )
+        train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, train_rows, eval_rows)
         common = dict(
             output_dir=work,
             per_device_train_batch_size=args.batch_size,

@@ -1,15 +1,26 @@
-"""Recipe keys beside TRL's SFTConfig, and the one parser train.py and preview share."""
+"""The recipe: our keys beside TRL's SFTConfig, the one parser train.py and preview share, the resolved recipe.
 
+A recipe is a YAML file of keys (`--config recipe.yaml`) with command-line overrides (`--learning_rate 1e-4`). Model
+and method keys are ModelArguments, data keys DataArguments, training keys TrainingConfig (TRL's SFTConfig with our
+keys and defaults added). The parser records which keys the recipe file and the command line set, so that a default
+can be ours without guessing, and the run can save exactly the recipe it was given.
+"""
+
+import argparse
+import difflib
+import enum
+import os
 import sys
 from dataclasses import dataclass, field
 
 import yaml
+from trl import SFTConfig, TrlParser
 
 from glm_sft import UserError
 
 FINETUNING_TYPES = ("lora", "qlora", "ptuning", "full", "freeze")
-# The files that make an output_dir hold a finished model.
-FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+# Keys that control one invocation rather than describe the run; left out of the saved recipe.
+RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "hub_token")
 
 
 @dataclass
@@ -98,61 +109,24 @@ class DataArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
 
 
-def parse_recipe(argv: list[str] | None = None):
-    """(model_args, data_args, training_args, output_args) from `--config recipe.yaml` and command-line overrides.
-
-    YAML sets defaults, the command line overrides them; unknown keys in either are an error.
-    """
-    from trl import SFTConfig, TrlParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((ModelArguments, DataArguments, SFTConfig, OutputArguments))
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise UserError("--config needs the path of a recipe YAML file")
-        _check_recipe(argv[index + 1], parser)
-    try:
-        parsed = parser.parse_args_and_config(argv)
-    except ValueError as error:  # raised by the dataclasses' own checks (e.g. TrainingArguments)
-        message = str(error).splitlines()[0]
-        if "bf16" in message:
-            message = (
-                "bf16: true needs a GPU with bfloat16 support (Ampere or newer); on a CPU pass --bf16 false, on older "
-                "GPUs --bf16 false --fp16 true (and watch for NaN losses)"
-            )
-        raise UserError(message) from None
-    model_args, data_args, training_args, _ = parsed
-    if not data_args.dataset_name:
-        raise UserError("no training data: set dataset_name in the recipe or pass --dataset_name FILE")
-    if model_args.finetuning_type not in FINETUNING_TYPES:
-        raise UserError(
-            f"finetuning_type {model_args.finetuning_type!r} is unknown; use one of {', '.join(FINETUNING_TYPES)}"
-        )
-    return parsed
-
-
-def _check_recipe(path: str, parser) -> None:
-    """Readable errors for a recipe that is missing, is not YAML, or has keys no dataclass knows."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            recipe = yaml.safe_load(file)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise UserError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(recipe, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
-    known = {action.dest for action in parser._actions} | {"env"}
-    unknown = sorted(key for key in recipe if key not in known)
-    if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; see python train.py --help for the keys")
-
-
 @dataclass
-class OutputArguments:
+class TrainingConfig(SFTConfig):
+    """TRL's SFTConfig, with the keys and defaults of a glm-sft run."""
+
+    padding_free: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Lay the rows of a batch end to end without padding, each attending only to itself. Default: on "
+            "where the model and method allow it (see glm_sft/speed.py), else padded, length-grouped batches."
+        },
+    )
+    train_sampling_strategy: str | None = field(
+        default=None,
+        metadata={
+            "help": "random, sequential, group_by_length or batch_rebalance. Default: random for padding-free "
+            "batches, group_by_length for padded ones (less padding)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow training into an output_dir that already holds a finished model (it is replaced)."},
@@ -181,73 +155,151 @@ class OutputArguments:
     )
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuse to train over a finished model unless asked to, so a re-run never silently destroys a result."""
-    from pathlib import Path
+class RecipeParser(TrlParser):
+    """TrlParser that records the keys given on the command line and reports mistakes in one line."""
 
-    path = Path(output_dir)
-    finished = [name for name in FINISHED_MARKERS if (path / name).exists()]
-    if finished and not overwrite:
-        raise UserError(
-            f"{output_dir} already holds a finished model ({finished[0]}); pass --overwrite_output_dir true to "
-            "replace it, or choose another --output_dir"
-        )
+    command_line_keys: tuple[str, ...] = ()
 
+    def parse_known_args(self, args=None, namespace=None):
+        # Every key starts unset; afterwards the ones still unset get their (recipe or dataclass) default.
+        unset = object()
+        actions = [action for action in self._actions if action.dest not in (argparse.SUPPRESS, "help")]
+        namespace = argparse.Namespace(**{action.dest: unset for action in actions})
+        namespace, remaining = super().parse_known_args(args, namespace)
+        self.command_line_keys = tuple(key for key, value in vars(namespace).items() if value is not unset)
+        for action in actions:
+            if getattr(namespace, action.dest) is unset:
+                default = action.default
+                if isinstance(default, str) and action.type is not None:
+                    default = self._get_value(action, default)  # as argparse converts string defaults
+                setattr(namespace, action.dest, default)
+        return namespace, remaining
 
-# Keys that control one invocation rather than describe the run; left out of the saved recipe.
-RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "hub_token")
+    def error(self, message):  # argparse's own: a bad value (`--learning_rate fast`), a flag without its value
+        raise UserError(f"{message}; see python train.py --help for the keys")
 
+    def suggestion(self, option: str) -> str:
+        known = [key for action in self._actions for key in action.option_strings]
+        close = difflib.get_close_matches(option.split("=")[0], known, n=1)
+        return f" (did you mean {close[0]}?)" if close else ""
 
-def command_line_keys(argv: list[str]) -> list[str]:
-    """The keys given on the command line (`--key value` or `--key=value`), --config left out, in order."""
-    keys = []
-    for item in argv:
-        if item.startswith("--") and item != "--config":
-            key = item[2:].split("=", 1)[0]
-            if key not in keys:
-                keys.append(key)
-    return keys
-
-
-def given_keys(argv: list[str]) -> list[str]:
-    """The keys the user set: those of the --config recipe, then those given on the command line."""
-    keys = []
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        with open(argv[argv.index("--config") + 1], encoding="utf-8") as file:
-            keys += [key for key in (yaml.safe_load(file) or {}) if key != "env"]
-    return keys + [key for key in command_line_keys(argv) if key not in keys]
+    def known_keys(self) -> set[str]:
+        return {action.dest for action in self._actions} | {"env"}
 
 
-def save_recipe(path, argv: list[str], *dataclass_objects) -> None:
-    """The recipe as resolved: every key the recipe or the command line set, with its final value.
+@dataclass
+class Recipe:
+    """The parsed recipe: the three groups of keys, the keys the user set (recipe file, then command line), argv."""
 
-    The result is itself a recipe: `python train.py --config output/x/recipe.yaml` repeats the run.
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingConfig
+    given: list[str]
+    argv: list[str]
+    extra: tuple = ()  # instances of the extra dataclasses parse_recipe was given
+
+    def resolved(self) -> dict:
+        """{key: final value} for every key the recipe or the command line set (run-control keys left out)."""
+        recipe = {}
+        for key in self.given:
+            if key in RUN_CONTROL_KEYS:
+                continue
+            for group in (self.model, self.data, self.training, *self.extra):
+                if hasattr(group, key):
+                    recipe[key] = _plain(getattr(group, key))
+                    break
+        return recipe
+
+    def save(self, path) -> None:
+        """The resolved recipe as YAML; `python train.py --config PATH` repeats the run."""
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(f"# Resolved recipe of this run: python {' '.join(['train.py', *self.argv])}\n")
+            yaml.safe_dump(self.resolved(), file, allow_unicode=True, sort_keys=False)
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def parse_recipe(
+    argv: list[str] | None = None,
+    extra: tuple = (),
+    launch_defaults: dict | None = None,
+    description: str | None = None,
+    prog: str = "train.py",
+) -> Recipe:
+    """The Recipe of `--config recipe.yaml` and command-line overrides; unknown keys in either are an error.
+
+    YAML sets defaults, the command line overrides them. `extra`: more dataclasses whose keys the same parser takes
+    (preview's). `launch_defaults`: keys a launch needs unless the recipe sets them (glm_sft.distributed).
+    `description` and `prog` are what --help shows.
     """
-    recipe = resolved_recipe(argv, *dataclass_objects)
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(f"# Resolved recipe of this run: python {' '.join(['train.py', *argv])}\n")
-        yaml.safe_dump(recipe, file, allow_unicode=True, sort_keys=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = RecipeParser(
+        (ModelArguments, DataArguments, TrainingConfig, *extra),
+        prog=prog,
+        usage=f"python {prog} --config RECIPE.yaml [--key value ...]",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command_line, config = list(argv), {}
+    if "--config" in command_line:
+        index = command_line.index("--config")
+        if index + 1 >= len(command_line):
+            raise UserError("--config needs the path of a recipe YAML file")
+        path = command_line.pop(index + 1)
+        command_line.pop(index)
+        config = _read_recipe_file(path, parser)
+    for key, value in (config.pop("env", None) or {}).items():
+        os.environ[key] = str(value)
+    parser.set_defaults_with_config(**{**(launch_defaults or {}), **config})
+    try:
+        *groups, unknown = parser.parse_args_into_dataclasses(command_line, return_remaining_strings=True)
+    except ValueError as error:  # raised by the dataclasses' own checks (e.g. TrainingArguments)
+        message = str(error).splitlines()[0]
+        if "bf16" in message:
+            message = (
+                "bf16: true needs a GPU with bfloat16 support (Ampere or newer); on a CPU pass --bf16 false, on older "
+                "GPUs --bf16 false --fp16 true (and watch for NaN losses)"
+            )
+        raise UserError(message) from None
+    if unknown:
+        option = next((item for item in unknown if item.startswith("-")), unknown[0])
+        raise UserError(f"unknown option {option}{parser.suggestion(option)}; see python train.py --help for the keys")
+    model, data, training, *extra_groups = groups
+    given = list(config) + [key for key in parser.command_line_keys if key not in config]
+    if not data.dataset_name:
+        raise UserError("no training data: set dataset_name in the recipe or pass --dataset_name FILE")
+    if model.finetuning_type not in FINETUNING_TYPES:
+        raise UserError(
+            f"finetuning_type {model.finetuning_type!r} is unknown; use one of {', '.join(FINETUNING_TYPES)}"
+        )
+    return Recipe(model, data, training, given, argv, tuple(extra_groups))
 
 
-def resolved_recipe(argv: list[str], *dataclass_objects) -> dict:
-    """{key: final value} for every key the recipe or the command line set (run-control keys left out)."""
-    import enum
-
-    def plain(value):
-        if isinstance(value, enum.Enum):
-            return value.value
-        if isinstance(value, dict):
-            return {key: plain(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(item) for item in value]
-        return value
-
-    recipe = {}
-    for key in given_keys(argv):
-        if key in RUN_CONTROL_KEYS:
-            continue
-        for obj in dataclass_objects:
-            if hasattr(obj, key):
-                recipe[key] = plain(getattr(obj, key))
-                break
+def _read_recipe_file(path: str, parser) -> dict:
+    """Readable errors for a recipe that is missing, is not YAML, or has keys no dataclass knows."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            recipe = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+    known = parser.known_keys()
+    unknown = sorted(key for key in recipe if key not in known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}{hint}; see python train.py --help for the keys")
     return recipe

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from glm_sft.chatglm3 import SPECIAL_TOKENS as CHATGLM3_SPECIAL_TOKENS
+from glm_sft.template import SPECIAL_TOKENS
 
 PREFIX = "builtin:"
 BUILD_VERSION = "1"  # bump when the build below changes, so old caches are not reused
@@ -33,22 +33,7 @@ FAMILY_SPECS = {
     "tiny-glm4": {
         "family": "glm4",
         "leading_tokens": [],
-        "special_tokens": [
-            "<|endoftext|>",
-            "[MASK]",
-            "[gMASK]",
-            "[sMASK]",
-            "<sop>",
-            "<eop>",
-            "<|system|>",
-            "<|user|>",
-            "<|assistant|>",
-            "<|observation|>",
-            "<|begin_of_image|>",
-            "<|end_of_image|>",
-            "<|begin_of_video|>",
-            "<|end_of_video|>",
-        ],
+        "special_tokens": SPECIAL_TOKENS["glm4"],
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
         "unk_token": None,
@@ -57,7 +42,7 @@ FAMILY_SPECS = {
     "tiny-chatglm3": {
         "family": "chatglm3",
         "leading_tokens": ["<unk>", "<s>", "</s>"],  # ids 0, 1, 2 as in ChatGLM3's sentencepiece model
-        "special_tokens": CHATGLM3_SPECIAL_TOKENS,
+        "special_tokens": SPECIAL_TOKENS["chatglm3"],
         "eos_token": "</s>",
         "pad_token": "<unk>",
         "unk_token": "<unk>",

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from glm_sft.generation import generate_replies, is_sharded, prompt_and_reference
+from glm_sft.evaluation import generation_sync, prompt_and_reference
+from glm_sft.inference import generate_replies
+from glm_sft.tracking import active_swanlab
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -59,8 +61,7 @@ class SampleGeneration(TrainerCallback):
         self.trainer = trainer
         self.tokenizer = trainer.processing_class
         self.samples = samples
-        stop_ids = generation_config.eos_token_id
-        self.stop_ids = list(stop_ids) if isinstance(stop_ids, (list, tuple)) else [stop_ids]
+        self.stop_ids = list(generation_config.eos_token_id)  # a list: see inference.generation_config_for
         self.max_new_tokens = max_new_tokens
         self.path = Path(trainer.args.output_dir) / SAMPLES_FILE
         self.done_steps = set()
@@ -85,8 +86,8 @@ class SampleGeneration(TrainerCallback):
         if not self.samples or model is None or state.global_step in self.done_steps:
             return
         self.done_steps.add(state.global_step)
-        sharded = is_sharded(self.trainer)
-        if not (sharded or state.is_world_process_zero):
+        synced_gpus = generation_sync(self.trainer, state.is_world_process_zero)
+        if synced_gpus is None:
             return
         with preserved_training_state(model):
             replies = generate_replies(
@@ -96,7 +97,7 @@ class SampleGeneration(TrainerCallback):
                 stop_ids=self.stop_ids,
                 max_new_tokens=self.max_new_tokens,
                 batch_size=len(self.samples),
-                synced_gpus=sharded and args.world_size > 1,
+                synced_gpus=synced_gpus,
             )
         if state.is_world_process_zero:
             self.record(state.global_step, replies)
@@ -120,11 +121,8 @@ class SampleGeneration(TrainerCallback):
 
 def log_to_swanlab(step: int, records: list[dict]) -> None:
     """The replies as SwanLab text (prompt as caption), when a SwanLab run is active in this process."""
-    if "swanlab" not in sys.modules:
-        return  # never imported: no run to log to
-    import swanlab
-
-    if not swanlab.has_run():
+    swanlab = active_swanlab()
+    if swanlab is None:
         return
     texts = [
         swanlab.Text(record["reply"], caption=f"{record['prompt']} | reference: {record.get('reference', '-')}")

@@ -14,20 +14,8 @@ import json
 from pathlib import Path
 
 from glm_sft import UserError
+from glm_sft.template import SPECIAL_TOKENS
 
-# ChatGLM3's special tokens, in the order its tokenizer numbers them right after the sentencepiece vocabulary
-# (64789 pieces in the released checkpoints, so [MASK] is 64789 and <|observation|> 64797).
-SPECIAL_TOKENS = [
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "sop",
-    "eop",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-]
 # Tensors of the original checkpoint that carry nothing the native model needs (recomputed from the config).
 IGNORED_TENSORS = ("transformer.rotary_pos_emb.inv_freq",)
 ROPE_BASE = 10000.0
@@ -250,9 +238,12 @@ def build_tokenizer(sp_model_file: Path, model_max_length: int):
     # sop and eop are plain words: match them only as whole words.
     backend.add_special_tokens(
         [AddedToken(token, special=True, normalized=False) for token in controls]
-        + [AddedToken(token, special=True, normalized=False, single_word=token.isalpha()) for token in SPECIAL_TOKENS]
+        + [
+            AddedToken(token, special=True, normalized=False, single_word=token.isalpha())
+            for token in SPECIAL_TOKENS["chatglm3"]
+        ]
     )
-    for offset, token in enumerate(SPECIAL_TOKENS):
+    for offset, token in enumerate(SPECIAL_TOKENS["chatglm3"]):
         if backend.token_to_id(token) != len(proto.pieces) + offset:
             raise UserError(f"{sp_model_file}: the sentencepiece vocabulary already holds {token!r}")
     tokenizer = PreTrainedTokenizerFast(

@@ -1,4 +1,5 @@
-"""Runs that survive interruption: the checkpoint to resume from, a clean stop on Ctrl-C / SIGTERM, a safe final save.
+"""What a run leaves in output_dir, kept safe: the finished-model check, the checkpoint to resume from, a clean stop
+on Ctrl-C / SIGTERM, a final save that never leaves a half-written model.
 
 A checkpoint folder `checkpoint-N` is complete once its trainer_state.json exists: transformers writes that file last,
 so a folder without it was cut off while being written and is never resumed from.
@@ -16,12 +17,25 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from glm_sft import UserError
-from glm_sft.arguments import FINISHED_MARKERS  # moved into output_dir last, so it never looks finished early
+
+# The files that make an output_dir hold a finished model; the final save moves them in last.
+FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Where the final save is written before its files are moved into output_dir (a dot folder: no tool lists it).
 STAGING_NAME = ".saving-final-model"
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to train over a finished model unless asked to, so a re-run never silently destroys a result."""
+    path = Path(output_dir)
+    finished = [name for name in FINISHED_MARKERS if (path / name).exists()]
+    if finished and not overwrite:
+        raise UserError(
+            f"{output_dir} already holds a finished model ({finished[0]}); pass --overwrite_output_dir true to "
+            "replace it, or choose another --output_dir"
+        )
 
 
 def is_complete(checkpoint) -> bool:
@@ -141,6 +155,13 @@ class GracefulStop(TrainerCallback):
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 requested = flag.item() > 0
         return requested
+
+    def report(self, output_dir, max_steps: int, argv: list[str], several_processes: bool) -> str:
+        """After a stop: the step, where its checkpoint is, and the command that resumes."""
+        saved = Path(output_dir) / f"checkpoint-{self.stopped_at_step}"
+        where = f"checkpoint in {saved}" if is_complete(saved) else "no checkpoint could be saved at this step"
+        command = resume_command(argv, several_processes=several_processes)
+        return f"stopped at step {self.stopped_at_step} of {max_steps}; {where}; resume with: {command}"
 
     def on_step_end(self, args, state, control, **kwargs):
         # Every process takes part in the check at every step, so that all of them stop at the same one.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_sft import UserError
+from glm_sft.template import CONTROL_TOKENS
 from glm_sft.tools import canonical_tools, json_type_name, parse_arguments, result_text, tool_call, tool_names
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
@@ -34,19 +35,6 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 PLACEHOLDER_RECIPE_KEYS = {"name": "assistant_name", "author": "assistant_author"}
-# Tokens that structure a GLM conversation: in message text they would silently change its format.
-CONTROL_TOKENS = (
-    "[gMASK]",
-    "[sMASK]",
-    "[MASK]",
-    "<sop>",
-    "<eop>",
-    "<|endoftext|>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-)
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -429,19 +417,13 @@ class _ConversationReader:
         if isinstance(row, _BadRow):
             return {}, [row.problem]
         if not isinstance(row, dict):
-            return {}, [f"expected a JSON object, got {_type_name(row)}"]
+            return {}, [f"expected a JSON object, got {json_type_name(row)}"]
         if row_format is None:
             return {}, [self.unknown_format(row)]
-        if row_format == "messages":
-            turns, problems = _turns_from_messages(row)
-        elif row_format == "sharegpt":
-            turns, problems = _turns_from_sharegpt(row)
-        elif row_format == "alpaca":
-            turns, problems = _turns_from_alpaca(row)
-        elif row_format == "firefly":
-            turns, problems = _turns_from_firefly(row)
-        else:
+        if row_format == "columns":
             turns, problems = _turns_from_columns(row, self.prompt_column, self.response_column)
+        else:
+            turns, problems = ROW_CONVERTERS[row_format](row)
         tools, tool_problems = _row_tools(row, row_format)
         problems += tool_problems
         if problems:
@@ -476,12 +458,12 @@ def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
     if messages is None:
         return [], ['row has no "messages" or "conversations" list']
     if not isinstance(messages, list):
-        return [], [f'"{key}" is of type {_type_name(messages)}; expected a list of messages']
+        return [], [f'"{key}" is of type {json_type_name(messages)}; expected a list of messages']
     turns, problems = [], []
     for number, message in enumerate(messages, 1):
         if not isinstance(message, dict):
             problems.append(
-                f"message {number} is of type {_type_name(message)}; expected an object with role and content"
+                f"message {number} is of type {json_type_name(message)}; expected an object with role and content"
             )
             continue
         role = message.get("role")
@@ -500,7 +482,7 @@ def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
         elif role == "assistant" and _has_value(message.get("tool_calls")):
             calls = message["tool_calls"]
             if not isinstance(calls, list):
-                problems.append(f'{label} has "tool_calls" of type {_type_name(calls)}; expected a list of calls')
+                problems.append(f'{label} has "tool_calls" of type {json_type_name(calls)}; expected a list of calls')
                 continue
             content = "" if message.get("content") is None else message["content"]
             turns.append(_Turn("assistant", content, label, [_openai_call(call) for call in calls]))
@@ -544,7 +526,7 @@ def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
     if messages is None:
         return [], ['sharegpt row has no "conversations" list']
     if not isinstance(messages, list):
-        return [], [f'"conversations" is of type {_type_name(messages)}; expected a list of messages']
+        return [], [f'"conversations" is of type {json_type_name(messages)}; expected a list of messages']
     turns, problems = _system_turn(row), []
     for number, message in enumerate(messages, 1):
         speaker = message.get("from") if isinstance(message, dict) else None
@@ -552,7 +534,7 @@ def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
         label = f"message {number} ({speaker})"
         if not isinstance(message, dict):
             problems.append(
-                f"message {number} is of type {_type_name(message)}; expected an object with from and value"
+                f"message {number} is of type {json_type_name(message)}; expected an object with from and value"
             )
         elif "from" not in message:
             problems.append(f'message {number} has no "from" (keys: {", ".join(map(str, message))})')
@@ -598,10 +580,7 @@ def _row_tools(row: dict, row_format: str) -> tuple[list[dict] | None, list[str]
     if len(found) > 1:
         return None, [f"tools are given twice ({found[0][0]} and {found[1][0]}); give them once"]
     where, value = found[0]
-    tools, problems = canonical_tools(value)
-    if where != '"tools"':
-        problems = [problem.replace('"tools"', where, 1) for problem in problems]
-    return tools, problems
+    return canonical_tools(value, where)
 
 
 def _canonical_message(turn: _Turn) -> dict:
@@ -618,7 +597,7 @@ def _turns_from_alpaca(row: dict) -> tuple[list[_Turn], list[str]]:
     turns = _system_turn(row)
     history = row.get("history")
     if history is not None and not isinstance(history, list):
-        return [], [f'"history" is of type {_type_name(history)}; expected a list of [question, answer] pairs']
+        return [], [f'"history" is of type {json_type_name(history)}; expected a list of [question, answer] pairs']
     for number, pair in enumerate(history or [], 1):
         if isinstance(pair, list) and len(pair) == 2:
             turns.append(_Turn("user", pair[0], f"history pair {number} question"))
@@ -628,7 +607,7 @@ def _turns_from_alpaca(row: dict) -> tuple[list[_Turn], list[str]]:
 
     instruction, extra_input = row["instruction"], row.get("input")
     if extra_input is not None and not isinstance(extra_input, str):
-        problems.append(f'"input" is of type {_type_name(extra_input)}; expected a string')
+        problems.append(f'"input" is of type {json_type_name(extra_input)}; expected a string')
     elif isinstance(instruction, str) and extra_input and extra_input.strip():
         instruction = f"{instruction}\n\n{extra_input}" if instruction.strip() else extra_input
     turns.append(_Turn("user", instruction, '"instruction"'))
@@ -641,12 +620,12 @@ def _turns_from_firefly(row: dict) -> tuple[list[_Turn], list[str]]:
     if exchanges is None:
         return [], ['firefly row has no "conversation" list']
     if not isinstance(exchanges, list):
-        return [], [f'"conversation" is of type {_type_name(exchanges)}; expected a list of human/assistant turns']
+        return [], [f'"conversation" is of type {json_type_name(exchanges)}; expected a list of human/assistant turns']
     turns, problems = _system_turn(row), []
     for number, exchange in enumerate(exchanges, 1):
         if not isinstance(exchange, dict):
             problems.append(
-                f"conversation turn {number} is of type {_type_name(exchange)}; expected an object with human "
+                f"conversation turn {number} is of type {json_type_name(exchange)}; expected an object with human "
                 f"and assistant"
             )
             continue
@@ -673,6 +652,16 @@ def _turns_from_columns(row: dict, prompt_column: str, response_column: str) -> 
     ], []
 
 
+# Each row format's converter: row -> (turns, problems); the columns format, which also needs the recipe's column
+# names, is called apart.
+ROW_CONVERTERS = {
+    "messages": _turns_from_messages,
+    "sharegpt": _turns_from_sharegpt,
+    "alpaca": _turns_from_alpaca,
+    "firefly": _turns_from_firefly,
+}
+
+
 def _system_turn(row: dict) -> list[_Turn]:
     """The optional top-level `system` of sharegpt, alpaca and firefly rows."""
     return [] if row.get("system") is None else [_Turn("system", row["system"], '"system"')]
@@ -682,11 +671,11 @@ def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list
     problems = []
     for turn in turns:
         if not isinstance(turn.content, str):
-            problems.append(f"{turn.label} has content of type {_type_name(turn.content)}; expected a string")
+            problems.append(f"{turn.label} has content of type {json_type_name(turn.content)}; expected a string")
         elif turn.role != "system" and not turn.calls and not turn.content.strip():
             problems.append(f"{turn.label} has empty content")
-        elif found := [token for token in CONTROL_TOKENS if token in turn.content]:
-            problems.append(f"{turn.label} contains the control token {found[0]}; remove it from the text")
+        elif token := _control_token(turn.content):
+            problems.append(f"{turn.label} contains the control token {token}; remove it from the text")
         problems += _call_problems(turn, tools)
     if problems:
         return problems
@@ -718,11 +707,16 @@ def _call_problems(turn: _Turn, tools: list[dict] | None) -> list[str]:
         parsed, problem = parse_arguments(arguments)
         if problem:
             problems.append(f'{which}: the arguments of "{name}" {problem}')
-        elif found := [token for token in CONTROL_TOKENS if token in name or token in json.dumps(parsed)]:
-            problems.append(f"{which} contains the control token {found[0]}; remove it")
+        elif token := _control_token(name, json.dumps(parsed)):
+            problems.append(f"{which} contains the control token {token}; remove it")
         else:
             turn.calls[index] = (name, parsed)
     return problems
+
+
+def _control_token(*texts: str) -> str | None:
+    """The first of CONTROL_TOKENS that any of the texts contains."""
+    return next((token for token in CONTROL_TOKENS if any(token in text for text in texts)), None)
 
 
 def _result_order_problems(turns: list[_Turn]) -> list[str]:
@@ -742,14 +736,12 @@ def _result_order_problems(turns: list[_Turn]) -> list[str]:
     return problems
 
 
-_type_name = json_type_name
-
-
 def _shown(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-# ---- from conversations to the tokenized datasets the trainer sees ----
+# ---------------------------------------------------------------------------------------------------------------
+# The run's rows: training and eval data, read and split.
 
 
 def read_datasets(data_args, *, seed: int) -> tuple[list[dict], list[dict] | None]:
@@ -792,53 +784,3 @@ def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict]
     train = [row for index, row in enumerate(rows) if index not in held_out]
     evaluation = [row for index, row in enumerate(rows) if index in held_out]
     return train, evaluation
-
-
-def tokenize_rows(
-    rows: list[dict],
-    tokenizer,
-    *,
-    max_length: int | None,
-    last_turn_only: bool,
-    name: str,
-    num_proc: int | None = None,
-):
-    """A datasets.Dataset with input_ids, labels, text and source; rows left without a trained token are dropped."""
-    from datasets import Dataset
-
-    from glm_sft.template import IGNORE_INDEX, encode_conversation
-
-    def encode(row):
-        conversation = json.loads(row["conversation"])
-        return encode_conversation(
-            tokenizer,
-            conversation["messages"],
-            tools=conversation.get("tools"),
-            max_length=max_length,
-            last_turn_only=last_turn_only,
-        )
-
-    # As JSON text: Arrow would merge the shapes of every row's tools and arguments into one schema.
-    conversations = [
-        {
-            "conversation": json.dumps(
-                {key: row[key] for key in ("messages", "tools") if key in row}, ensure_ascii=False
-            ),
-            "source": row.get("source", ""),
-        }
-        for row in rows
-    ]
-    dataset = Dataset.from_list(conversations).map(
-        encode, remove_columns=["conversation"], num_proc=num_proc, desc=f"Tokenizing {name} rows"
-    )
-    truncated = sum(dataset["truncated"])
-    trained = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]
-    dropped = len(trained) - sum(trained)
-    dataset = dataset.select([index for index, keep in enumerate(trained) if keep]).remove_columns("truncated")
-    report = f"{name}: {len(dataset)} rows used, {truncated} truncated to max_length={max_length}"
-    if dropped:
-        report += f", {dropped} dropped because truncation left no trained token (raise max_length)"
-    print(report, file=sys.stderr)
-    if len(dataset) == 0:
-        raise UserError(f"no {name} rows left to train on; raise max_length (now {max_length})")
-    return dataset

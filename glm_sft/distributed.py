@@ -1,4 +1,4 @@
-"""Runs under `accelerate launch`: the launch environment, CPU rehearsals, wrong pairings caught early, data once.
+"""Runs under `accelerate launch`: the launch environment, CPU rehearsals, wrong pairings caught early, one voice.
 
 accelerate launch starts one train.py per device and tells each, through environment variables, its rank, how many
 processes run on its machine and in all (WORLD_SIZE, LOCAL_WORLD_SIZE, RANK) and whether DeepSpeed is on
@@ -8,12 +8,10 @@ processes run on its machine and in all (WORLD_SIZE, LOCAL_WORLD_SIZE, RANK) and
 import contextlib
 import io
 import os
-import shutil
 import sys
 import time
 
 from glm_sft import UserError
-from glm_sft.arguments import command_line_keys
 
 # How long a process other than the main one waits before reporting a UserError: the main process meets the same
 # error at the same point, reports it and exits, and the launcher then ends the others, so the user reads it once.
@@ -55,8 +53,9 @@ def check_devices(local_processes: int, cuda_devices: int) -> None:
         )
 
 
-def launch_arguments(argv: list[str]) -> list[str]:
-    """Recipe keys this launch needs beyond the user's, to append to argv before parsing; checks the devices first.
+def launch_defaults() -> dict:
+    """Recipe keys this launch needs unless the recipe sets them (defaults for glm_sft.arguments.parse_recipe);
+    checks the devices first.
 
     On a machine without GPUs, a launch with several processes runs them on the CPU (a rehearsal of a GPU run, as the
     tests do): plain data parallel as accelerate's MULTI_CPU (use_cpu), DeepSpeed over the gloo backend (ddp_backend;
@@ -64,15 +63,12 @@ def launch_arguments(argv: list[str]) -> list[str]:
     """
     local_processes, world = launched_processes()
     if world <= 1:
-        return []
+        return {}
     cuda_devices = cuda_device_count()
     check_devices(local_processes, cuda_devices)
     if cuda_devices:
-        return []
-    given = command_line_keys(argv)
-    if uses_deepspeed():
-        return [] if "ddp_backend" in given else ["--ddp_backend", "gloo"]
-    return [] if "use_cpu" in given else ["--use_cpu", "true"]
+        return {}
+    return {"ddp_backend": "gloo"} if uses_deepspeed() else {"use_cpu": True}
 
 
 def check_launch(model_args, training_args) -> None:
@@ -95,7 +91,7 @@ def plugin_name(plugin) -> str:
 
 
 def _weights_dtype(model_args, training_args):
-    from glm_sft.modeling import torch_dtype
+    from glm_sft.loading import torch_dtype
 
     return torch_dtype(model_args.dtype, model_args.finetuning_type, training_args.bf16)
 
@@ -119,7 +115,7 @@ def check_deepspeed_pairing(model_args, plugin, weights_dtype=None) -> None:
                 "QLoRA with 8-bit weights cannot be sharded by DeepSpeed ZeRO-3 (only 4-bit NF4 can); use "
                 "--quantization_bit 4, or launch with configs/zero2.yaml (the quantized base fits each GPU)"
             )
-        from glm_sft.modeling import torch_dtype
+        from glm_sft.loading import torch_dtype
 
         compute = torch_dtype(model_args.quantization_compute_dtype, "qlora", True)
         if weights_dtype is not None and weights_dtype != compute:
@@ -140,64 +136,6 @@ def main_process_output(training_args):
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield
-
-
-def tokenize_once(training_args, rows, *, name: str, **tokenize):
-    """glm_sft.data.tokenize_rows on the main process of each machine; the others load its result from disk.
-
-    The result is saved under the cache (GLM_SFT_CACHE) in a folder named by a fingerprint of the rows, the tokenizer
-    and the settings, so a process can only ever read the tokens of its own data.
-    """
-    from glm_sft.data import tokenize_rows
-
-    if training_args.world_size <= 1:
-        return tokenize_rows(rows, name=name, **tokenize)
-    from datasets import load_from_disk
-
-    folder = tokenized_cache_folder(rows, name, tokenize)
-    with training_args.main_process_first(local=True, desc=f"tokenizing {name} rows"):
-        if training_args.local_process_index == 0:
-            with main_process_output(training_args):
-                dataset = tokenize_rows(rows, name=name, **tokenize)
-            if not folder.exists():  # the name is a fingerprint of the content: an existing folder holds the same
-                _save_atomically(dataset, folder)
-        else:
-            dataset = load_from_disk(str(folder))
-    return dataset
-
-
-def _save_atomically(dataset, folder) -> None:
-    """Write aside, then rename: a folder under that name is always complete (another machine may race us)."""
-    from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
-
-    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
-    shown = is_progress_bar_enabled()
-    disable_progress_bars()
-    try:
-        dataset.save_to_disk(str(partial))
-    finally:
-        if shown:
-            enable_progress_bars()
-    try:
-        os.replace(partial, folder)
-    except OSError:  # written meanwhile by another process with the same data
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def tokenized_cache_folder(rows, name: str, tokenize: dict):
-    from datasets.fingerprint import Hasher
-
-    from glm_sft.builtin import cache_root
-
-    hasher = Hasher()
-    hasher.update(rows)
-    hasher.update(name)
-    for key in sorted(tokenize):
-        if key != "num_proc":
-            hasher.update(tokenize[key])
-    folder = cache_root() / "tokenized" / f"{name}-{hasher.hexdigest()}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def defer_to_main_process() -> None:

@@ -1,6 +1,6 @@
 """Show rendered training examples with the trained spans marked, exactly as the trainer will see them.
 
-    python -m glm_sft.preview --config recipes/demo.yaml [any train.py override] [--n 3] [--json]
+    python -m glm_sft.preview --config recipes/demo.yaml [any train.py override] [--n 3] [--json true]
 
 Trained tokens are shown in green on a terminal, between ⟦ and ⟧ otherwise. `--json` prints one object per line:
 {"text": ..., "input_ids": [...], "labels": [...], "source": "file:line"}, labels -100 where untrained.
@@ -8,29 +8,20 @@ Trained tokens are shown in green on a terminal, between ⟦ and ⟧ otherwise. 
 
 import json
 import sys
+from dataclasses import dataclass, field
 
 from glm_sft import UserError, exit_on_user_error
 from glm_sft.arguments import parse_recipe
-from glm_sft.data import read_datasets, tokenize_rows
-from glm_sft.modeling import load_tokenizer
+from glm_sft.data import read_datasets
+from glm_sft.loading import load_tokenizer
 from glm_sft.template import IGNORE_INDEX
+from glm_sft.tokenization import tokenize_dataset
 
 
-def split_preview_args(argv: list[str]) -> tuple[int, bool, list[str]]:
-    """Take --n N and --json out of argv; the rest goes to the recipe parser."""
-    count, as_json, rest = 3, False, []
-    items = iter(argv)
-    for item in items:
-        if item == "--json":
-            as_json = True
-        elif item == "--n":
-            value = next(items, None)
-            if value is None or not value.isdigit() or int(value) < 1:
-                raise UserError("--n needs a positive number of examples")
-            count = int(value)
-        else:
-            rest.append(item)
-    return count, as_json, rest
+@dataclass
+class PreviewArguments:
+    n: int = field(default=3, metadata={"help": "How many examples to show (the first N training rows)."})
+    json: bool = field(default=False, metadata={"help": "One JSON object per example instead of marked text."})
 
 
 def marked_text(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
@@ -53,26 +44,24 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int], color: bool)
 
 @exit_on_user_error
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\nRecipe keys: see python train.py --help")
-        return
-    count, as_json, rest = split_preview_args(argv)
-    model_args, data_args, training_args, _ = parse_recipe(rest)
-    train_rows, _ = read_datasets(data_args, seed=training_args.seed)
+    recipe = parse_recipe(argv, extra=(PreviewArguments,), description=__doc__, prog="-m glm_sft.preview")
+    (options,) = recipe.extra
+    if options.n < 1:
+        raise UserError("--n needs a positive number of examples")
+    train_rows, _ = read_datasets(recipe.data, seed=recipe.training.seed)
     tokenizer, family = load_tokenizer(
-        model_args.model_name_or_path, model_args.template, training_args.trust_remote_code
+        recipe.model.model_name_or_path, recipe.model.template, recipe.training.trust_remote_code
     )
-    dataset = tokenize_rows(
-        train_rows[:count] if not as_json else train_rows,
+    dataset = tokenize_dataset(
+        train_rows[: options.n] if not options.json else train_rows,
         tokenizer,
-        max_length=training_args.max_length,
-        last_turn_only=data_args.last_turn_only,
         name="train",
+        max_length=recipe.training.max_length,
+        last_turn_only=recipe.data.last_turn_only,
     )
     color = sys.stdout.isatty()
-    for example in dataset.select(range(min(count, len(dataset)))):
-        if as_json:
+    for example in dataset.select(range(min(options.n, len(dataset)))):
+        if options.json:
             record = {
                 "text": tokenizer.decode(example["input_ids"]),
                 "input_ids": example["input_ids"],

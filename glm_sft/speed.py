@@ -106,22 +106,41 @@ def supports_padding_free(model) -> str | None:
     return None
 
 
-def configure(model, model_args, training_args, given: set[str]) -> list[str]:
-    """Choose batching and attention for this run; returns the lines that describe the choice for the log.
+PTUNING_REASON = "the prefixes are attention keys shared by the whole sequence, so packed rows would see each other"
 
-    `given` holds the recipe keys the user set, so an explicit `padding_free: true` that cannot be honoured is an
-    error while the default quietly falls back to padded, length-grouped batches.
+
+def check_batching(model_args, training_args) -> None:
+    """Before any weights load: padding_free or packing set to true for a method that rules them out is an error."""
+    if model_args.finetuning_type != "ptuning":
+        return
+    for key in ("packing", "padding_free"):
+        if getattr(training_args, key):  # true; unset (None) and false pass
+            raise UserError(
+                f"finetuning_type ptuning cannot be combined with packing or padding_free: {PTUNING_REASON}; set "
+                f"--{key} false"
+            )
+
+
+def configure(model, model_args, training_args) -> list[str]:
+    """Choose batching and attention for this run, the one place that decides; returns the lines for the log.
+
+    padding_free unset (None) is our default: padding-free where the model and method allow it, else padded,
+    length-grouped batches. Set to true where it cannot hold, it is an error (as packing is). An unset
+    train_sampling_strategy becomes random for padding-free batches and group_by_length for padded ones.
     """
-    asked = "padding_free" in given and training_args.padding_free
+    check_batching(model_args, training_args)
     reason = supports_padding_free(model)
     if model_args.finetuning_type == "ptuning":
         reason = "P-Tuning v2 prefixes are a key/value cache that every row of the sequence would share"
-    if (training_args.padding_free or training_args.packing) and reason:
-        if asked or training_args.packing:
-            key = "packing" if training_args.packing else "padding_free"
-            raise UserError(f"{key} cannot be used here: {reason}; set --{key} false")
-        training_args.padding_free = False
+    if reason:
+        for key in ("packing", "padding_free"):
+            if getattr(training_args, key):
+                raise UserError(f"{key} cannot be used here: {reason}; set --{key} false")
+    if training_args.padding_free is None:
+        training_args.padding_free = reason is None
     packed = training_args.padding_free or training_args.packing
+    if training_args.train_sampling_strategy is None:
+        training_args.train_sampling_strategy = "random" if packed else "group_by_length"
     if packed:
         if flash_attention_usable(model):
             attention = "flash_attention_2"
@@ -132,11 +151,8 @@ def configure(model, model_args, training_args, given: set[str]) -> list[str]:
         layout = "packed to max_length" if training_args.packing else "padding-free"
         lines = [f"batches: {layout}, each row attends only to itself (attention: {attention})"]
     else:
-        sampler = training_args.train_sampling_strategy
-        if sampler == "random" and "train_sampling_strategy" not in given:
-            training_args.train_sampling_strategy = sampler = "group_by_length"
         why = f" ({reason})" if reason else ""
-        lines = [f"batches: padded to their longest row{why}; sampling: {sampler}"]
+        lines = [f"batches: padded to their longest row{why}; sampling: {training_args.train_sampling_strategy}"]
     if training_args.use_liger_kernel:
         lines.append(check_liger(model))
     checkpointing = "on" if training_args.gradient_checkpointing else "off"

@@ -8,10 +8,11 @@ The templates render them in each family's native format; `parse_reply` is the i
 
 import ast
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
-CALL_FENCE_START = "```python\n"
-CALL_FENCE_END = "\n```"
+from glm_sft import UserError
 
 
 class MalformedCall(ValueError):
@@ -45,24 +46,27 @@ def canonical_tool(definition: Any) -> tuple[dict | None, str | None]:
     return {"type": "function", "function": function}, None
 
 
-def canonical_tools(value: Any) -> tuple[list[dict], list[str]]:
-    """`tools` of a row (a list, or a JSON string holding one, as ShareGPT writes it): canonical tools, problems."""
+def canonical_tools(value: Any, where: str = '"tools"') -> tuple[list[dict], list[str]]:
+    """`tools` of a row (a list, or a JSON string holding one, as ShareGPT writes it): canonical tools, problems.
+
+    `where` names the value in the problems.
+    """
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            return [], [f'"tools" is a string that is not valid JSON ({error.msg} at character {error.pos})']
+            return [], [f"{where} is a string that is not valid JSON ({error.msg} at character {error.pos})"]
     if not isinstance(value, list):
-        return [], [f'"tools" is of type {json_type_name(value)}; expected a list of function definitions']
+        return [], [f"{where} is of type {json_type_name(value)}; expected a list of function definitions"]
     tools, problems = [], []
     for number, definition in enumerate(value, 1):
         tool, problem = canonical_tool(definition)
         if problem:
-            problems.append(f'"tools" item {number} {problem}')
+            problems.append(f"{where} item {number} {problem}")
         else:
             tools.append(tool)
-    names = [tool["function"]["name"] for tool in tools]
-    problems += [f'"tools" defines "{name}" twice' for name in sorted({n for n in names if names.count(n) > 1})]
+    names = tool_names(tools)
+    problems += [f'{where} defines "{name}" twice' for name in sorted({n for n in names if names.count(n) > 1})]
     return tools, problems
 
 
@@ -158,3 +162,67 @@ def json_type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+class ToolSession:
+    """The tools a chat model may call, and where call results come from: a results file, or the person at the
+    prompt (`ask`). chat_cli answers a turn with it: each call printed as JSON, its result fed back, until text."""
+
+    MAX_CALLS_PER_TURN = 8  # a model stuck calling would otherwise never hand the turn back
+
+    def __init__(self, tools_file: str, results_file: str | None = None):
+        self.tools = read_tools_file(tools_file)
+        self.results = (
+            read_json_file(results_file, "an object mapping function names to results") if results_file else None
+        )
+        if self.results is not None and not isinstance(self.results, dict):
+            raise UserError(f"{results_file}: expected a JSON object mapping function names to results")
+        self.results_file = results_file
+
+    def result_for(self, call: dict, ask) -> str:
+        if self.results is not None and call["name"] in self.results:
+            return result_text(self.results[call["name"]])
+        if self.results is not None and not sys.stdin.isatty():
+            raise UserError(f"{self.results_file} has no result for {call['name']}; add one")
+        try:
+            return ask("result> ")
+        except EOFError:
+            raise UserError(f"no result for the call to {call['name']}: give --tool_results FILE or type it") from None
+
+    def answer(self, chat, messages: list[dict], ask=input, **settings) -> str:
+        """Generate until the model replies in text; each call is printed as one JSON line and answered."""
+        for _ in range(self.MAX_CALLS_PER_TURN):
+            raw = chat.raw_reply(messages, tools=self.tools, **settings)
+            try:
+                reply = parse_reply(raw, chat.family)
+            except MalformedCall as error:
+                print(f"warning: {error}", file=sys.stderr)
+                reply = raw.strip()
+            if isinstance(reply, str):
+                messages.append({"role": "assistant", "content": reply})
+                return reply
+            print(json.dumps(reply, ensure_ascii=False), flush=True)
+            if reply["name"] not in tool_names(self.tools):
+                print(f"warning: the model called {reply['name']}, which is not in the tools", file=sys.stderr)
+            messages.append({"role": "assistant", "content": "", "tool_calls": [tool_call(**reply)]})
+            messages.append({"role": "tool", "content": self.result_for(reply, ask)})
+        raise UserError(f"the model made {self.MAX_CALLS_PER_TURN} calls in one turn without replying; stopped")
+
+
+def read_tools_file(path: str) -> list[dict]:
+    """The function definitions of a tools file (a JSON list), canonical; the first problem is an error."""
+    tools, problems = canonical_tools(read_json_file(path, "a list of function definitions"))
+    if problems:
+        raise UserError(f"{path}: {problems[0]}")
+    if not tools:
+        raise UserError(f"{path}: no tools defined")
+    return tools
+
+
+def read_json_file(path: str, expected: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); expected {expected}") from None

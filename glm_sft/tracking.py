@@ -8,7 +8,6 @@ starts the run it logs to, so that the mode is ours to choose and nothing ever w
   written under output_dir/swanlog (`swanlab watch output_dir/swanlog` shows the local dashboard).
 """
 
-import contextlib
 import os
 import socket
 import sys
@@ -76,20 +75,7 @@ def _cloud_available(timeout: float = 3.0) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def reporting_without_disabled_swanlab(training_args, mode: str | None):
-    """While the trainer is built, leave SwanLab out of report_to when its mode is disabled (so it is not even
-    imported); the recipe keeps the value the user gave."""
-    report_to = training_args.report_to
-    if mode == "disabled":
-        training_args.report_to = [name for name in report_to if name != "swanlab"]
-    try:
-        yield
-    finally:
-        training_args.report_to = report_to
-
-
-def start_swanlab(mode: str, training_args, output_args, *, config: dict) -> None:
+def start_swanlab(mode: str, training_args, *, config: dict) -> None:
     """Start the SwanLab run that transformers' SwanLabCallback then logs metrics to. Main process only.
 
     Project: swanlab_project, else SWANLAB_PROJECT, else glm-sft; experiment: run_name, else output_dir's name.
@@ -98,7 +84,7 @@ def start_swanlab(mode: str, training_args, output_args, *, config: dict) -> Non
 
     output_dir = Path(training_args.output_dir)
     options = dict(
-        project=output_args.swanlab_project or os.environ.get("SWANLAB_PROJECT") or "glm-sft",
+        project=training_args.swanlab_project or os.environ.get("SWANLAB_PROJECT") or "glm-sft",
         name=training_args.run_name or output_dir.name,
         log_dir=str(output_dir / LOG_FOLDER),
         config=config,
@@ -113,21 +99,25 @@ def start_swanlab(mode: str, training_args, output_args, *, config: dict) -> Non
         swanlab.init(mode="local" if _has_swanboard() else "offline", reinit=True, **options)
 
 
-def finish_swanlab() -> None:
-    if "swanlab" in sys.modules:
-        import swanlab
+def active_swanlab():
+    """The swanlab module when a SwanLab run is active in this process, else None."""
+    if "swanlab" not in sys.modules:
+        return None  # never imported: no run to log to
+    import swanlab
 
-        if swanlab.has_run():
-            swanlab.finish()
+    return swanlab if swanlab.has_run() else None
+
+
+def finish_swanlab() -> None:
+    swanlab = active_swanlab()
+    if swanlab is not None:
+        swanlab.finish()
 
 
 def log_metrics(metrics: dict, prefix: str, step: int | None = None) -> None:
     """Log numbers to the active SwanLab run, if any (e.g. do_predict's scores)."""
-    if "swanlab" not in sys.modules:
-        return
-    import swanlab
-
-    if swanlab.has_run():
+    swanlab = active_swanlab()
+    if swanlab is not None:
         swanlab.log({f"{prefix}/{key}": value for key, value in metrics.items()}, step=step)
 
 

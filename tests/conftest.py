@@ -1,5 +1,6 @@
 """Shared fixtures: offline mode, a private cache for the built-in models, the tiny tokenizers, a script runner."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,22 +20,38 @@ sys.path.insert(0, str(REPO))
 
 @pytest.fixture(scope="session")
 def glm4_tokenizer():
-    from glm_sft.modeling import load_tokenizer
+    from glm_sft.loading import load_tokenizer
 
     return load_tokenizer("builtin:tiny-glm4")[0]
 
 
 @pytest.fixture(scope="session")
 def chatglm3_tokenizer():
-    from glm_sft.modeling import load_tokenizer
+    from glm_sft.loading import load_tokenizer
 
     return load_tokenizer("builtin:tiny-chatglm3")[0]
 
 
-def run_script(*args, cwd=REPO, timeout=600, input=None):
+@pytest.fixture(params=["glm4", "chatglm3"])
+def family_and_tokenizer(request, glm4_tokenizer, chatglm3_tokenizer):
+    return request.param, {"glm4": glm4_tokenizer, "chatglm3": chatglm3_tokenizer}[request.param]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def run_script(*args, cwd=REPO, timeout=600, input=None, env=None):
     """Run a repository script with this Python, as a user would; returns the CompletedProcess."""
     return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
 
 
@@ -64,3 +81,11 @@ def chat_once(*args) -> str:
     with contextlib.redirect_stdout(output):
         chat_cli.main([*map(str, args)])
     return output.getvalue()
+
+
+def build_run(argv):
+    """glm_sft.run.build_run on the recipe of `argv`, in this process: a Run whose trainer has not trained yet."""
+    from glm_sft.arguments import parse_recipe
+    from glm_sft.run import build_run as build
+
+    return build(parse_recipe(argv))

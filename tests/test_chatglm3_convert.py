@@ -10,9 +10,9 @@ from conftest import REPO
 
 from glm_sft import UserError
 from glm_sft.builtin import _corpus_texts
-from glm_sft.chatglm3 import SPECIAL_TOKENS
-from glm_sft.modeling import load_tokenizer, resolve_model_path
-from glm_sft.template import IGNORE_INDEX, detect_family, encode_conversation
+from glm_sft.loading import load_tokenizer, resolve_model_path
+from glm_sft.template import IGNORE_INDEX, SPECIAL_TOKENS, detect_family
+from glm_sft.tokenization import encode_conversation
 
 TINY = {
     "num_layers": 2,
@@ -77,7 +77,7 @@ def builder_ids_and_labels(sp, messages, add_generation_prompt=False, close_fina
     """ChatGLM3's build_chat_input on the sentencepiece model: [gMASK] sop, then per message its role token,
     sp.encode(f"{metadata}\\n") and sp.encode(content); labels mark what follows each <|assistant|> up to and including
     the next role token (or </s> closing a final reply)."""
-    special = {token: sp.get_piece_size() + offset for offset, token in enumerate(SPECIAL_TOKENS)}
+    special = {token: sp.get_piece_size() + offset for offset, token in enumerate(SPECIAL_TOKENS["chatglm3"])}
     ids, labels = [special["[gMASK]"], special["sop"]], [IGNORE_INDEX, IGNORE_INDEX]
     after_assistant = False
     for message in messages:
@@ -132,7 +132,9 @@ def converted_tokenizer(sp_model_file, tmp_path_factory):
 
 def test_special_tokens_sit_right_after_the_sentencepiece_vocab(converted_tokenizer, sp):
     vocab = converted_tokenizer.get_vocab()
-    assert [vocab[token] for token in SPECIAL_TOKENS] == list(range(sp.get_piece_size(), sp.get_piece_size() + 9))
+    assert [vocab[token] for token in SPECIAL_TOKENS["chatglm3"]] == list(
+        range(sp.get_piece_size(), sp.get_piece_size() + 9)
+    )
     assert (vocab["<unk>"], vocab["<s>"], vocab["</s>"]) == (0, 1, 2)
     assert converted_tokenizer.eos_token == "</s>" and converted_tokenizer.pad_token_id == 0
     assert detect_family(converted_tokenizer) == "chatglm3"
@@ -183,7 +185,7 @@ def write_chatglm3_checkpoint(directory, sp_model_file, *, rope_ratio=None, shar
         "architectures": ["ChatGLMModel"],
         "auto_map": {"AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
         **TINY,
-        "padded_vocab_size": math.ceil((sp_size + len(SPECIAL_TOKENS)) / 64) * 64,
+        "padded_vocab_size": math.ceil((sp_size + len(SPECIAL_TOKENS["chatglm3"])) / 64) * 64,
         "add_bias_linear": False,
         "add_qkv_bias": True,
         "rmsnorm": True,

@@ -5,14 +5,10 @@ import sys
 import types
 
 import pytest
+from conftest import write_jsonl
 
 from glm_sft import UserError
 from glm_sft.data import DataError, DataStats, read_conversations
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    return str(path)
 
 
 def problems_of(spec, **options):

@@ -33,18 +33,31 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now, so that launches never meet another run's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(config, output_dir, *extra, launch_options=(), wait=True):
     """accelerate launch --config_file configs/CONFIG --num_processes 2 train.py ..., as a user types it."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/{config}",
+    if "--main_process_port" not in launch_options:
+        launch_options = [*launch_options, "--main_process_port", free_port()]
+    arguments = [
+        "-m", "accelerate.commands.launch", "--config_file", f"configs/{config}",
         "--num_processes", "2", *launch_options, "train.py", *COMMON, "--output_dir", output_dir, *extra,
     ]  # fmt: skip
-    command = [str(part) for part in command]
     if not wait:
         return subprocess.Popen(
-            command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [sys.executable, *map(str, arguments)],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    return run_script(*arguments, env=ENV)
 
 
 def losses(output_dir) -> dict[int, float]:
@@ -128,10 +141,7 @@ def test_zero3_full_run_saves_a_normal_model(runs):
 
 def test_two_machines_on_loopback_train_together(runs, tmp_path):
     """A multi-node rehearsal: two launches on this machine, machine ranks 0 and 1, meeting at 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    options = ["--num_machines", 2, "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+    options = ["--num_machines", 2, "--main_process_ip", "127.0.0.1", "--main_process_port", free_port()]
     batch = ["--per_device_train_batch_size", 2]
     machines = [
         launch("zero2.yaml", tmp_path / "out", *batch, launch_options=[*options, "--machine_rank", rank], wait=False)
@@ -219,22 +229,27 @@ def test_more_processes_than_gpus_is_refused():
     check_devices(local_processes=4, cuda_devices=0)  # no GPU: a CPU rehearsal
 
 
-def test_cpu_launches_get_a_cpu_backend(monkeypatch):
+def test_cpu_launches_get_a_cpu_backend_unless_the_recipe_sets_one(monkeypatch):
     import torch
 
-    from glm_sft.distributed import launch_arguments
+    from glm_sft.arguments import parse_recipe
+    from glm_sft.distributed import launch_defaults
 
     if torch.cuda.is_available():
         pytest.skip("a GPU machine: nothing is added")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert launch_arguments([]) == []
+    assert launch_defaults() == {}
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert launch_arguments([]) == ["--ddp_backend", "gloo"]
-    assert launch_arguments(["--ddp_backend", "ccl"]) == []
+    assert launch_defaults() == {"ddp_backend": "gloo"}
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
-    assert launch_arguments([]) == ["--use_cpu", "true"]
+    assert launch_defaults() == {"use_cpu": True}
+    # They are defaults: what the recipe or the command line says wins, and they are not saved as the user's keys.
+    monkeypatch.delenv("WORLD_SIZE")
+    argv = ["--config", "recipes/demo.yaml", "--seed", "3"]
+    recipe = parse_recipe(argv, launch_defaults={"seed": 7, "data_seed": 5})
+    assert recipe.training.seed == 3 and recipe.training.data_seed == 5 and "data_seed" not in recipe.given
 
 
 def test_train_stops_before_loading_weights_on_a_wrong_pairing(tmp_path):
@@ -245,8 +260,7 @@ def test_train_stops_before_loading_weights_on_a_wrong_pairing(tmp_path):
         "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
         "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false",
     }
-    command = [sys.executable, "train.py", *map(str, COMMON), "--output_dir", str(tmp_path / "out")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_script("train.py", *COMMON, "--output_dir", tmp_path / "out", env=env)
     assert result.returncode == 1
     assert "error: DeepSpeed ZeRO-3 without zero3_save_16bit_model: true" in result.stderr
     assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr

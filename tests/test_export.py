@@ -7,7 +7,7 @@ import torch
 from conftest import chat_once, run_script
 
 import export
-from glm_sft.modeling import load_model
+from glm_sft.loading import load_model
 
 FAMILIES = {"glm4": "builtin:tiny-glm4", "chatglm3": "builtin:tiny-chatglm3"}
 OFFICIAL_PROMPT = {

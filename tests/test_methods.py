@@ -90,7 +90,8 @@ def test_dora_and_rslora_switches_reach_peft():
 
     from peft import get_peft_model
 
-    from glm_sft.modeling import build_peft_config, load_model
+    from glm_sft.loading import load_model
+    from glm_sft.methods import build_peft_config
 
     args = SimpleNamespace(
         finetuning_type="lora",
@@ -138,13 +139,13 @@ def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
     from types import SimpleNamespace
 
     from glm_sft import UserError
-    from glm_sft.modeling import check_method
+    from glm_sft.methods import check_method
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
     )
     model_args = SimpleNamespace(finetuning_type="qlora", quantization_bit=4)
-    training_args = SimpleNamespace(gradient_checkpointing=True, packing=False, padding_free=False)
+    training_args = SimpleNamespace(gradient_checkpointing=True)
     with pytest.raises(UserError, match="pip install bitsandbytes"):
         check_method(model_args, training_args)

@@ -1,26 +1,29 @@
 """The preview shows exactly what the trainer trains on."""
 
+import contextlib
+import io
 import json
 
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, build_run, run_script
 
+from glm_sft import preview
 from glm_sft.template import IGNORE_INDEX
 
 
 def preview_records(*args):
-    result = run_script("-m", "glm_sft.preview", "--config", "recipes/demo.yaml", *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    """`python -m glm_sft.preview --config recipes/demo.yaml ARGS`'s JSON lines, run in this process."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        preview.main(["--config", "recipes/demo.yaml", *args])
+    return [json.loads(line) for line in output.getvalue().splitlines()]
 
 
 def test_preview_json_matches_the_trainers_dataset_and_batches(tmp_path, monkeypatch):
     records = preview_records("--json", "--n", "1000")
     assert len(records) == 85
     monkeypatch.chdir(REPO)
-    import train
-
-    trainer, _, _ = train.build_trainer(["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "out")])
+    trainer = build_run(["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "out")]).trainer
     dataset = trainer.train_dataset
     assert [row["input_ids"] for row in dataset] == [record["input_ids"] for record in records]
     assert [row["labels"] for row in dataset] == [record["labels"] for record in records]
@@ -28,9 +31,9 @@ def test_preview_json_matches_the_trainers_dataset_and_batches(tmp_path, monkeyp
     # previewed tokens. With padding (--padding_free false) the rows keep their labels and the rest is ignored.
     batch = trainer.data_collator([dataset[0], dataset[1]])
     assert batch["labels"][0].tolist() == records[0]["labels"] + records[1]["labels"]
-    padded, _, _ = train.build_trainer(
+    padded = build_run(
         ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "out"), "--padding_free", "false"]
-    )
+    ).trainer
     batch = padded.data_collator([dataset[0], dataset[1]])
     for row, record in enumerate(records[:2]):
         length = len(record["labels"])

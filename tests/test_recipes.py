@@ -11,18 +11,20 @@ TINY_MODEL = {"glm4": "builtin:tiny-glm4", "glm3": "builtin:tiny-chatglm3"}
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
 def test_recipe_parses_and_opens_with_its_instructions(recipe):
-    model_args, data_args, training_args, _ = parse_recipe(["--config", str(recipe), "--bf16", "false"])
-    assert model_args.model_name_or_path and data_args.dataset_name and training_args.output_dir
+    recipe_args = parse_recipe(["--config", str(recipe), "--bf16", "false"])
+    assert recipe_args.model.model_name_or_path and recipe_args.data.dataset_name and recipe_args.training.output_dir
     header = recipe.read_text(encoding="utf-8").split("\n\n")[0]
     assert header.startswith("# ") and "train.py --config recipes/" + recipe.name in header
     assert "Memory" in header
 
 
 def test_command_line_overrides_the_recipe():
-    model_args, _, training_args, _ = parse_recipe(
+    recipe = parse_recipe(
         ["--config", "recipes/glm4_lora.yaml", "--learning_rate", "1e-4", "--lora_rank", "4", "--bf16", "false"]
     )
-    assert training_args.learning_rate == 1e-4 and model_args.lora_rank == 4
+    assert recipe.training.learning_rate == 1e-4 and recipe.model.lora_rank == 4
+    assert recipe.given[-2:] == ["learning_rate", "lora_rank"] or "bf16" in recipe.given  # the keys the user set
+    assert recipe.resolved()["lora_rank"] == 4 and "padding_free" not in recipe.resolved()
 
 
 GPU_RECIPES = [path for path in RECIPES if not path.stem.startswith("demo")]  # the demos have tests of their own

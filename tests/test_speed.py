@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import build_run
 
-import train
 from glm_sft import UserError, speed
 
 
@@ -11,11 +11,11 @@ from glm_sft import UserError, speed
 def demo_trainer(tmp_path_factory):
     """The demo recipe's trainer (tiny GLM-4, LoRA), fp32 on the CPU, dropout off for exact comparisons."""
     out = tmp_path_factory.mktemp("speed") / "out"
-    trainer, _, extras = train.build_trainer(
+    run = build_run(
         ["--config", "recipes/demo.yaml", "--output_dir", str(out), "--report_to", "none", "--sample_count", "0"]
     )
-    trainer.model.eval()
-    return trainer, extras[-1]
+    run.trainer.model.eval()
+    return run.trainer, run.choices
 
 
 def rows_of(trainer, count=6):
@@ -115,22 +115,23 @@ def test_fused_lm_head_never_builds_the_full_logits(demo_trainer):
 
 
 def test_ptuning_falls_back_to_length_grouped_padded_batches(tmp_path):
-    trainer, _, extras = train.build_trainer(
+    run = build_run(
         ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "p"), "--report_to", "none"]
         + ["--finetuning_type", "ptuning", "--pre_seq_len", "4", "--sample_count", "0"]
     )
+    trainer = run.trainer
     assert not trainer.data_collator.padding_free
     assert trainer.args.train_sampling_strategy == "group_by_length"
     sampler = trainer._get_train_sampler()
     assert type(sampler).__name__ == "LengthGroupedSampler"
     order = list(sampler)
     assert sorted(order) == list(range(len(trainer.train_dataset)))  # every row once, grouped by length
-    assert extras[-1][0].startswith("batches: padded to their longest row (P-Tuning v2")
+    assert run.choices[0].startswith("batches: padded to their longest row (P-Tuning v2")
 
 
 def test_explicit_padding_free_that_cannot_hold_is_an_error(tmp_path):
     with pytest.raises(UserError, match="ptuning cannot be combined with packing or padding_free"):
-        train.build_trainer(
+        build_run(
             ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "p"), "--report_to", "none"]
             + ["--finetuning_type", "ptuning", "--padding_free", "true"]
         )
@@ -138,11 +139,12 @@ def test_explicit_padding_free_that_cannot_hold_is_an_error(tmp_path):
 
 def test_packing_uses_the_same_per_row_attention(tmp_path):
     """`packing: true` (TRL's best-fit-decreasing packs of max_length) keeps the rows apart as well."""
-    trainer, _, extras = train.build_trainer(
+    run = build_run(
         ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "k"), "--report_to", "none"]
         + ["--packing", "true", "--sample_count", "0"]
     )
-    assert extras[-1][0].startswith("batches: packed to max_length")
+    assert run.choices[0].startswith("batches: packed to max_length")
+    trainer = run.trainer
     pack = trainer.train_dataset[0]
     assert len(pack["input_ids"]) <= 256 and len(pack["seq_lengths"]) > 1
     batch = trainer.data_collator([pack])
@@ -166,11 +168,11 @@ def test_liger_is_refused_where_it_has_no_kernels_for_the_model(tmp_path, monkey
     argv += ["--use_liger_kernel", "true", "--sample_count", "0"]
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed
     with pytest.raises(UserError, match="use_liger_kernel needs the liger-kernel package"):
-        train.build_trainer(argv)
+        build_run(argv)
     patches = types.ModuleType("liger_kernel.transformers.monkey_patch")
     patches.MODEL_TYPE_TO_APPLY_LIGER_FN = {"glm4": None, "llama": None}  # the keys Liger ships, in short
     for name in ("liger_kernel", "liger_kernel.transformers"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patches)
     with pytest.raises(UserError, match="Liger has no kernels for model type glm \\(GlmForCausalLM\\)"):
-        train.build_trainer(argv)
+        build_run(argv)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from glm_sft.template import IGNORE_INDEX, encode_conversation, family_template
+from glm_sft.template import IGNORE_INDEX, family_template
+from glm_sft.tokenization import encode_conversation
 
 CONVERSATION = [
     {"role": "system", "content": "你是一个乐于助人的助手。"},
@@ -27,11 +28,6 @@ OFFICIAL_GLM4_TEMPLATE = (
     "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n"
     "{{ item['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-@pytest.fixture(params=["glm4", "chatglm3"])
-def family_and_tokenizer(request, glm4_tokenizer, chatglm3_tokenizer):
-    return request.param, {"glm4": glm4_tokenizer, "chatglm3": chatglm3_tokenizer}[request.param]
 
 
 def render(tokenizer, messages, **kwargs):

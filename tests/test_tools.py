@@ -5,10 +5,12 @@ import ast
 import json
 
 import pytest
+from conftest import write_jsonl
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from glm_sft.data import DataError, read_conversations
-from glm_sft.template import IGNORE_INDEX, encode_conversation, render_training_example
+from glm_sft.template import IGNORE_INDEX
+from glm_sft.tokenization import encode_conversation
 from glm_sft.tools import MalformedCall, parse_reply
 
 WEATHER = {
@@ -157,11 +159,6 @@ OFFICIAL_GLM4_TEMPLATE = (
 )
 
 
-@pytest.fixture(params=["glm4", "chatglm3"])
-def family_and_tokenizer(request, glm4_tokenizer, chatglm3_tokenizer):
-    return request.param, {"glm4": glm4_tokenizer, "chatglm3": chatglm3_tokenizer}[request.param]
-
-
 @pytest.mark.parametrize("case", list(CONVERSATIONS))
 def test_tool_conversations_render_in_the_native_format(family_and_tokenizer, case):
     family, tokenizer = family_and_tokenizer
@@ -174,7 +171,9 @@ def test_labels_cover_exactly_calls_answers_and_end_tokens(family_and_tokenizer,
     family, tokenizer = family_and_tokenizer
     encoded = encode_conversation(tokenizer, CONVERSATIONS[case], tools=TOOLS)
     ids, labels = encoded["input_ids"], encoded["labels"]
-    assert encoded["text"] == EXPECTED[family, case] + ("<|user|>" if family == "glm4" else "</s>")
+    text = tokenizer.apply_chat_template(CONVERSATIONS[case], tools=TOOLS, tokenize=False, close_final_turn=True)
+    assert text == EXPECTED[family, case] + ("<|user|>" if family == "glm4" else "</s>")
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     groups, current = [], []
     for index, label in enumerate(labels):
         if label != IGNORE_INDEX:
@@ -208,6 +207,19 @@ def test_glm4_text_equals_the_official_template_on_native_rows(glm4_tokenizer):
             messages, tools=TOOLS, tokenize=False, add_generation_prompt=generation_prompt
         )
         assert ours == official
+
+
+def render_training_example(tokenizer, messages, tools):
+    """The conversation's text, final turn closed by its end token, and the character span of each trained turn."""
+    rendered, spans = render_jinja_template(
+        [messages],
+        tools=tools,
+        chat_template=tokenizer.chat_template,
+        return_assistant_tokens_mask=True,
+        close_final_turn=True,
+        **tokenizer.special_tokens_map,
+    )
+    return rendered[0], spans[0]
 
 
 def test_a_final_call_is_closed_with_observation(family_and_tokenizer):
@@ -281,11 +293,6 @@ def test_unreadable_calls_raise(reply, family, problem):
 
 
 # ---- reading every input shape ----
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    return str(path)
 
 
 OPENAI_ROW = {
@@ -450,12 +457,12 @@ def test_a_conversation_may_end_with_one_call(tmp_path):
 # ---- chat_cli with tools, and a tiny model that learns to call ----
 
 
-def test_chat_cli_history_trimming_drops_whole_rounds_with_their_calls(glm4_tokenizer):
-    import chat_cli
+def test_history_trimming_drops_whole_rounds_with_their_calls(glm4_tokenizer):
+    from glm_sft.inference import fit_prompt
 
     messages = [*CALL_THEN_MORE_TURNS, user("最后的问题")]
     full = glm4_tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=True)
-    ids, kept = chat_cli.fit_history(glm4_tokenizer, messages, len(full["input_ids"]) - 1, tools=TOOLS)
+    ids, kept = fit_prompt(glm4_tokenizer, messages, len(full["input_ids"]) - 1, tools=TOOLS)
     assert kept == messages[4:]  # the first round (question, call, result, answer) went as a whole
     assert len(ids) < len(full["input_ids"])
 

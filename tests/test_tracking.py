@@ -4,15 +4,13 @@ import json
 import os
 import random
 import struct
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import run_script
 
 from glm_sft import UserError
 from glm_sft.callbacks import SampleGeneration, preserved_training_state, sample_prompts
@@ -76,13 +74,10 @@ def tracked_run(tmp_path_factory):
         "--output_dir",
         output_dir,
     ]
-    result = subprocess.run(
-        [sys.executable, *map(str, arguments)],
-        cwd=REPO,
+    result = run_script(
+        *arguments,
         env=env,
         input="",  # a login prompt would read end-of-file instead of waiting
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -210,7 +205,8 @@ def test_sample_generation_leaves_training_as_it_was(tmp_path, monkeypatch):
     generation drew random numbers; training goes on (forward and backward) with the same dropout masks."""
     from peft import LoraConfig, get_peft_model
 
-    from glm_sft.modeling import generation_config_for, load_model, load_tokenizer
+    from glm_sft.inference import generation_config_for
+    from glm_sft.loading import load_model, load_tokenizer
 
     tokenizer, family = load_tokenizer("builtin:tiny-glm4")
     model = load_model("builtin:tiny-glm4")

@@ -1,0 +1,262 @@
+"""Put a chat model to work, the one path chat_cli, evaluate, sample generation and the server share.
+
+Load a chat model (a base or fully fine-tuned model, or a base with a train.py adapter), fit a conversation into the
+model's context (the oldest rounds go first; `[gMASK]<sop>`, the system prompt and the tools always stay), and
+generate with the family's stop ids: streamed piece by piece, batched (left-padded), or raw with the special tokens
+kept (for tool calls).
+"""
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from glm_sft import UserError
+
+DEFAULT_CONTEXT = 4096  # for a config that does not say (max_position_embeddings)
+
+
+@dataclass
+class ChatModel:
+    model: object
+    tokenizer: object
+    family: str
+    stop_ids: list[int]
+    name: str = ""
+
+    @property
+    def context(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+
+    def prompt_ids(self, messages: list[dict], tools=None, max_new_tokens: int = 512) -> tuple[list[int], list[dict]]:
+        """(prompt ids, the messages kept) for the conversation, leaving room for max_new_tokens."""
+        return fit_prompt(self.tokenizer, messages, max(self.context - max_new_tokens, 1), tools)
+
+    def generation_kwargs(self, messages, *, tools=None, max_new_tokens=512, temperature=0.0, top_p=1.0) -> dict:
+        """model.generate's arguments for one conversation; `messages` is trimmed in place to what fits."""
+        import torch
+
+        prompt_ids, kept = self.prompt_ids(messages, tools, max_new_tokens)
+        messages[:] = kept
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+        sampling.setdefault("do_sample", False)
+        return dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling,
+        )
+
+    def stream(self, messages, *, tools=None, stop: threading.Event | None = None, **settings):
+        """The reply's text piece by piece (the opening newline dropped). Setting `stop` ends generation at the next
+        token; closing the generator early (Ctrl-C in the loop that reads it) does the same."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop = stop or threading.Event()
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self.generation_kwargs(messages, tools=tools, **settings)
+        kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([Stopped()]))
+        thread = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        thread.start()
+        started = False
+        try:
+            for piece in streamer:
+                if not started:
+                    piece = piece.lstrip()  # the model opens its turn with a newline
+                    started = bool(piece)
+                if piece:
+                    yield piece
+        finally:
+            stop.set()
+            thread.join()
+
+    def reply(self, messages, **settings) -> str:
+        """The whole reply as text."""
+        return "".join(self.stream(messages, **settings)).strip()
+
+    def raw_reply(self, messages, *, tools=None, **settings) -> str:
+        """The reply as written after <|assistant|> ({metadata}\\n{content}, special tokens kept), not streamed."""
+        import torch
+
+        kwargs = self.generation_kwargs(messages, tools=tools, **settings)
+        with torch.no_grad():
+            output = self.model.generate(**kwargs)
+        new_ids = output[0, kwargs["input_ids"].shape[1] :].tolist()
+        return self.tokenizer.decode(cut_at_stop(new_ids, self.stop_ids), skip_special_tokens=False)
+
+    def replies(self, prompts: list[dict], **settings) -> list[str]:
+        """Greedy replies to prompts ({"messages", optional "tools"}), batched: see generate_replies."""
+        return generate_replies(self.model, self.tokenizer, prompts, stop_ids=self.stop_ids, **settings)
+
+
+def fit_prompt(tokenizer, messages: list[dict], budget: int, tools=None) -> tuple[list[int], list[dict]]:
+    """Prompt ids of at most `budget` tokens for the conversation, and the messages kept.
+
+    The oldest rounds go first (a round is a user message and everything up to the next one: replies, calls,
+    results). When the last round alone is still too long, its beginning is cut: the prompt keeps the leading
+    `[gMASK]<sop>`, the system prompt and the tools, the round's role token, and as much of the end as fits.
+    """
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+
+    def render(conversation, generation_prompt=True):
+        return tokenizer.apply_chat_template(
+            conversation, tools=tools, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        )
+
+    while True:
+        ids = render(system + turns)
+        if len(ids) <= budget:
+            return ids, system + turns
+        if len(turns) <= 1:
+            break
+        next_round = next((i for i, turn in enumerate(turns[1:], 1) if turn["role"] == "user"), len(turns) - 1)
+        turns = turns[next_round:]
+    prefix = render(system, generation_prompt=False)  # [gMASK]<sop>, the tools block and the system prompt
+    room = budget - len(prefix) - 1
+    if room < 1 or ids[: len(prefix)] != prefix:
+        raise UserError(
+            f"the system prompt and tools take {len(prefix)} tokens, more than the {budget} the context leaves for "
+            "the prompt; shorten them or lower max_new_tokens"
+        )
+    return prefix + [ids[len(prefix)]] + ids[-room:], system + turns
+
+
+def cut_at_stop(ids: list[int], stop_ids) -> list[int]:
+    """The generated ids before the first end-of-turn token (what follows is padding)."""
+    stops = set(stop_ids)
+    for index, token in enumerate(ids):
+        if token in stops:
+            return ids[:index]
+    return ids
+
+
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    *,
+    stop_ids,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    synced_gpus: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy replies to `prompts` ({"messages", optional "tools"}), `batch_size` at a time, left-padded; each prompt
+    fitted to the context as fit_prompt does.
+
+    synced_gpus: every process of a sharded model (DeepSpeed ZeRO-3, FSDP) calls this with the same prompts, and
+    each keeps running forward passes until all are done, as the parameters are gathered collectively.
+    """
+    import sys
+
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+    budget = max(context - max_new_tokens, 1)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    replies = []
+    batches = range(0, len(prompts), max(batch_size, 1))
+    for start in tqdm(batches, desc="generating", unit="batch", disable=not progress, file=sys.stderr):
+        batch = prompts[start : start + batch_size]
+        encoded = [fit_prompt(tokenizer, prompt["messages"], budget, prompt.get("tools"))[0] for prompt in batch]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=list(stop_ids),
+                pad_token_id=pad_id,
+                use_cache=True,  # training may have turned the cache off for gradient checkpointing
+                synced_gpus=synced_gpus,
+            )
+        for row in output[:, width:].tolist():
+            replies.append(tokenizer.decode(cut_at_stop(row, stop_ids), skip_special_tokens=True).strip())
+    return replies
+
+
+def generation_config_for(tokenizer, family: str):
+    """Greedy-by-default generation settings whose stop ids are the family's end-of-turn tokens."""
+    from transformers import GenerationConfig
+
+    from glm_sft.template import stop_token_ids
+
+    return GenerationConfig(
+        eos_token_id=stop_token_ids(tokenizer, family), pad_token_id=tokenizer.pad_token_id, max_new_tokens=512
+    )
+
+
+def load_chat_model(model: str | None = None, adapter: str | None = None, *, template=None, trust_remote_code=False):
+    """A ChatModel for a base or fully fine-tuned model (`model`), or a base with a train.py adapter applied.
+
+    The adapter directory names its base (`model` overrides it) and carries the run's tokenizer and template.
+    """
+    import torch
+
+    from glm_sft.loading import load_adapter_model, load_model, load_tokenizer, quiet_transformers, read_run_recipe
+    from glm_sft.template import stop_token_ids
+
+    quiet_transformers()
+    adapter_dir = Path(adapter) if adapter else None
+    recipe, base, recorded_base = {}, model, None
+    if adapter_dir is not None:
+        recorded_base = adapter_base(adapter_dir)
+        base = model or recorded_base
+        if not base:
+            raise UserError(f"{adapter_dir}: the adapter does not name its base model; pass --model")
+        recipe = read_run_recipe(adapter_dir)
+    elif base and (Path(base) / "adapter_config.json").is_file():
+        raise UserError(f"{base} is an adapter directory, not a model; use --adapter {base}")
+    tokenizer, family = load_tokenizer(
+        str(adapter_dir) if adapter_dir is not None else base,
+        template or recipe.get("template", "auto"),
+        trust_remote_code,
+    )
+    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if adapter_dir is not None:
+        loaded = load_adapter_model(adapter_dir, base, recorded_base, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        loaded = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    if torch.cuda.is_available():
+        loaded = loaded.to("cuda")
+    loaded.eval()
+    return ChatModel(loaded, tokenizer, family, stop_token_ids(tokenizer, family), name=str(adapter_dir or base))
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model an adapter directory names; a clear error when the directory is not an adapter."""
+    if not adapter_dir.exists():
+        raise UserError(f"{adapter_dir}: no such adapter directory")
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise UserError(
+            f"{adapter_dir}: not an adapter directory (no adapter_config.json); use --model for full models"
+        )
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+
+
+def add_model_arguments(parser) -> None:
+    """--model/--adapter/--template/--trust_remote_code: the arguments load_from_arguments reads (every script that
+    talks to a model takes them)."""
+    parser.add_argument("--model", help="base or fully fine-tuned model: directory, hub id or builtin:tiny-glm4")
+    parser.add_argument("--adapter", help="adapter directory written by train.py (it knows its base model)")
+    parser.add_argument("--template", default=None, help="auto, glm4 or chatglm3 (default: the run's template)")
+    parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
+
+
+def load_from_arguments(args) -> ChatModel:
+    return load_chat_model(args.model, args.adapter, template=args.template, trust_remote_code=args.trust_remote_code)

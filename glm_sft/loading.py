@@ -1,0 +1,166 @@
+"""Load what a run or a chat needs: tokenizer (with its family's template), model, adapter on its base, run recipe.
+
+Names are a local directory, a hub id (found in the local cache or downloaded) or a built-in model (`builtin:...`).
+"""
+
+import json
+import os
+from pathlib import Path
+
+from glm_sft import UserError
+from glm_sft.builtin import builtin_path, is_builtin
+from glm_sft.template import attach_template, detect_family
+
+
+def download_hint(name: str) -> str:
+    local = f"models/{name.split('/')[-1]}"
+    return (
+        f"download it with `hf download {name} --local-dir {local}` (or `modelscope download --model {name} "
+        f"--local_dir {local}`) and set model_name_or_path: {local}"
+    )
+
+
+def resolve_model_path(name: str, needs: str = "config.json") -> str:
+    """A loadable location for `name`: the built-in model's cache directory, a local directory, or the hub id.
+
+    `needs` is the file a local directory must hold (config.json for a model, tokenizer_config.json for a tokenizer).
+    """
+    if is_builtin(name):
+        return str(builtin_path(name))
+    path = Path(name).expanduser()
+    if not path.exists():
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
+        if looks_local:
+            raise UserError(f"{name}: no such model directory")
+        return name  # a hub id: from_pretrained finds it in the local cache or downloads it
+    if not (path / needs).is_file():
+        kind = "model" if needs == "config.json" else "tokenizer"
+        raise UserError(f"{name}: not a {kind} directory (no {needs} in it)")
+    config_file = path / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == "chatglm":
+        converted = f"{path}-hf"
+        raise UserError(
+            f"{name}: a ChatGLM3 checkpoint in THUDM's remote-code layout, whose code no longer runs on current "
+            f"transformers; convert it to the native GLM classes once with `python convert_chatglm3.py {path} --out "
+            f"{converted}`, then use --model_name_or_path {converted}"
+        )
+    return str(path)
+
+
+def _from_pretrained(loader, name: str, location: str, **kwargs):
+    """Call loader.from_pretrained, turning 'not found / not reachable' into one message with the download command."""
+    try:
+        return loader.from_pretrained(location, **kwargs)
+    except OSError:
+        if location != name or Path(location).exists():
+            raise
+        offline = " (offline mode: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise UserError(
+            f"model {name} is not a local directory and could not be fetched from the hub{offline}; "
+            f"{download_hint(name)}"
+        ) from None
+
+
+def load_tokenizer(model_name_or_path: str, template: str = "auto", trust_remote_code: bool = False):
+    """The tokenizer with its family's chat template attached; returns (tokenizer, family)."""
+    from transformers import AutoTokenizer
+
+    location = resolve_model_path(model_name_or_path, needs="tokenizer_config.json")
+    tokenizer = _from_pretrained(AutoTokenizer, model_name_or_path, location, trust_remote_code=trust_remote_code)
+    family = detect_family(tokenizer, template)
+    attach_template(tokenizer, family)
+    return tokenizer, family
+
+
+def torch_dtype(name: str, finetuning_type: str, bf16: bool | None):
+    import torch
+
+    if name == "auto":
+        # A frozen base can live in bf16; trained weights stay fp32 masters under bf16 mixed precision.
+        return torch.bfloat16 if bf16 and finetuning_type in ("lora", "qlora", "ptuning") else torch.float32
+    dtypes = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
+    if name not in dtypes:
+        raise UserError(f"dtype {name!r} is unknown; use auto, bfloat16, float16 or float32")
+    return dtypes[name]
+
+
+def load_model(model_name_or_path: str, *, dtype=None, trust_remote_code: bool = False, quantization=None):
+    """The causal LM, with its name kept as the user wrote it (so adapters record `builtin:...` or the hub id)."""
+    from transformers import AutoModelForCausalLM
+
+    location = resolve_model_path(model_name_or_path)
+    extra = {"quantization_config": quantization} if quantization is not None else {}
+    model = _from_pretrained(
+        AutoModelForCausalLM, model_name_or_path, location, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+    )
+    model.config._name_or_path = model.name_or_path = model_name_or_path
+    return model
+
+
+def quiet_transformers() -> None:
+    """Keep load-time chatter (info logs, progress bars, deprecation warnings) out of interactive scripts."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def read_run_recipe(folder) -> dict:
+    """The recipe.yaml train.py saved with a result: in the folder, or in the run's output_dir for a checkpoint-N."""
+    import yaml
+
+    folder = Path(folder)
+    for candidate in (folder, folder.parent):
+        if (candidate / "recipe.yaml").is_file():
+            return yaml.safe_load((candidate / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    return {}
+
+
+def load_adapter_model(adapter_dir, base: str, recorded_base: str | None, *, dtype=None, trust_remote_code=False):
+    """`base` with the adapter in `adapter_dir` applied, after checking it is the architecture the adapter knows."""
+    from peft import PeftModel
+
+    check_adapter_base(str(adapter_dir), recorded_base, base)
+    model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def check_adapter_base(adapter_dir: str, recorded_base: str | None, given_base: str) -> None:
+    """Stop before loading weights when the base given for an adapter is not the architecture it was trained on."""
+    if not recorded_base or recorded_base == given_base:
+        return
+    from transformers import AutoConfig
+
+    try:
+        recorded = AutoConfig.from_pretrained(resolve_model_path(recorded_base))
+    except (OSError, ValueError, UserError):
+        return  # the recorded base is not available here, so there is nothing to compare with
+    given = AutoConfig.from_pretrained(resolve_model_path(given_base))
+    for key in ARCHITECTURE_KEYS:
+        if getattr(recorded, key, None) != getattr(given, key, None):
+            raise UserError(
+                f"{adapter_dir} was trained on {recorded_base}, but the base given is {given_base}, a different model "
+                f"({key} {getattr(recorded, key, None)} vs {getattr(given, key, None)}); leave out --model to use the "
+                "adapter's own base"
+            )

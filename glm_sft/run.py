@@ -1,0 +1,209 @@
+"""One training run: built from its recipe (data, tokenizer and template, model and method, trainer), then trained,
+saved and reported. train.py is these steps in order; the benchmarks and tests build runs the same way.
+
+Every problem a user can cause (recipe, data, method against launch) is found before any weights load.
+"""
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from glm_sft import UserError, speed, tracking
+from glm_sft.arguments import Recipe
+from glm_sft.callbacks import SampleGeneration, sample_prompts
+from glm_sft.checkpoints import GracefulStop, check_output_dir, resolve_resume_checkpoint, save_final_model
+from glm_sft.data import read_datasets
+from glm_sft.distributed import check_launch, main_process_output
+from glm_sft.evaluation import predict_after_training
+from glm_sft.inference import generation_config_for
+from glm_sft.loading import load_model, load_tokenizer, torch_dtype
+from glm_sft.methods import build_peft_config, check_method, count_parameters, prepare_model, quantization_config
+from glm_sft.tokenization import tokenize_dataset
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    trainer: object  # trl.SFTTrainer
+    family: str  # the chat format: glm4 or chatglm3
+    generation_config: object  # the family's stop ids; saved with the result
+    train_rows: list[dict]
+    eval_rows: list[dict] | None
+    swanlab_mode: str | None  # None: not reporting to SwanLab
+    choices: list[str]  # how it trains: batches, attention, gradient checkpointing, loss head
+
+    @property
+    def is_main(self) -> bool:
+        return self.trainer.is_world_process_zero()
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.training.output_dir)
+
+    def summary(self) -> str:
+        model, training = self.recipe.model, self.recipe.training
+        trainable, total = count_parameters(self.trainer.model)
+        world_batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
+        return "\n".join(
+            [
+                f"model: {model.model_name_or_path} ({self.family} format), method: {model.finetuning_type}, "
+                f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
+                f"effective batch size: {world_batch} = {training.per_device_train_batch_size} per device "
+                f"x {training.gradient_accumulation_steps} accumulation x {training.world_size} processes",
+                *self.choices,
+            ]
+        )
+
+    def train(self) -> int | None:
+        """Train (resuming when resume_from_checkpoint says so); None when done, else the exit code of a stop.
+
+        Ctrl-C or SIGTERM during training: checkpoint at the end of the step, stop, and say how to go on.
+        """
+        if self.is_main and self.swanlab_mode not in (None, "disabled"):
+            self.start_swanlab()
+        checkpoint = resolve_resume_checkpoint(
+            self.recipe.training.resume_from_checkpoint, self.output_dir, announce=self.is_main
+        )
+        stop = GracefulStop(announce=self.is_main)
+        self.trainer.add_callback(stop)
+        with stop.catching_signals():
+            self.trainer.train(resume_from_checkpoint=checkpoint)
+        if stop.stopped_at_step is None:
+            if self.trainer.eval_dataset is not None:
+                self.trainer.evaluate()
+            return None
+        if self.is_main:
+            several = self.recipe.training.world_size > 1
+            print(stop.report(self.output_dir, self.trainer.state.max_steps, self.recipe.argv, several))
+        return stop.exit_code
+
+    def start_swanlab(self) -> None:
+        trainable, total = count_parameters(self.trainer.model)
+        data = {"train_rows": len(self.trainer.train_dataset), "eval_rows": len(self.eval_rows or [])}
+        config = {
+            "recipe": self.recipe.resolved(),
+            "data": data,
+            "parameters": {"trainable": trainable, "total": total},
+        }
+        tracking.start_swanlab(self.swanlab_mode, self.recipe.training, config=config)
+
+    def save(self) -> None:
+        """The result: adapter or full model, tokenizer with the template, the family's stop ids, the recipe."""
+
+        def write_extra_files(folder):
+            self.generation_config.save_pretrained(folder)
+            self.trainer.state.save_to_json(str(folder / "trainer_state.json"))  # the loss history, for model cards
+            self.recipe.save(folder / "recipe.yaml")
+
+        save_final_model(self.trainer, self.output_dir, write_extra_files)
+
+    def predict(self) -> None:
+        """do_predict: replies to the eval rows, scored, into predictions.jsonl and metrics.json."""
+        if not self.recipe.training.do_predict:
+            return
+        stop_ids, longest = self.generation_config.eos_token_id, self.recipe.training.predict_max_new_tokens
+        metrics = predict_after_training(
+            self.trainer, self.eval_rows, self.output_dir, stop_ids=stop_ids, max_new_tokens=longest
+        )
+        if self.is_main:
+            tracking.log_metrics(metrics, "predict", step=self.trainer.state.global_step)
+            print(f"do_predict on {len(self.eval_rows)} eval rows: {json.dumps(metrics)}")
+
+    def finish(self) -> None:
+        """The loss plot, the end of the SwanLab run, and how to chat with the result."""
+        if not self.is_main:
+            return
+        history = self.trainer.state.log_history
+        tracking.plot_losses(history, self.output_dir / tracking.LOSS_PLOT, title=str(self.output_dir))
+        tracking.finish_swanlab()
+        flag = "--model" if self.recipe.model.finetuning_type in ("full", "freeze") else "--adapter"
+        print(f"saved to {self.output_dir}; chat with: python chat_cli.py {flag} {self.output_dir}")
+
+
+def build_run(recipe: Recipe, model=None) -> Run:
+    """Everything up to training. `model`: an already built model to train instead of loading model_name_or_path
+    (the benchmarks pass one)."""
+    model_args, data_args, training = recipe.model, recipe.data, recipe.training
+    check_output_dir(training.output_dir, training.overwrite_output_dir)
+    check_method(model_args, training)
+    speed.check_batching(model_args, training)
+    check_launch(model_args, training)  # method vs. DeepSpeed config
+
+    # Every data problem is reported here, before the tokenizer or the model is loaded.
+    with main_process_output(training):
+        train_rows, eval_rows = read_datasets(data_args, seed=training.seed)
+    check_eval_data(training, eval_rows)
+    swanlab_mode = tracking.resolve_swanlab_mode(training.swanlab_mode, training)
+
+    tokenizer, family = load_tokenizer(model_args.model_name_or_path, model_args.template, training.trust_remote_code)
+    train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, train_rows, eval_rows)
+
+    if model is None:
+        model = load_model(
+            model_args.model_name_or_path,
+            dtype=torch_dtype(model_args.dtype, model_args.finetuning_type, training.bf16),
+            trust_remote_code=training.trust_remote_code,
+            quantization=quantization_config(model_args),
+        )
+    prepare_model(model, model_args, training)  # k-bit preparation (qlora), frozen layers (freeze)
+    choices = speed.configure(model, model_args, training)  # padding-free or padded batches, attention
+    generation_config = generation_config_for(tokenizer, family)
+    model.generation_config = generation_config
+
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_arguments(training, swanlab_mode),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=build_peft_config(model_args),
+    )
+    # Greedy replies to a few fixed prompts at each save and at the end: output_dir/samples.jsonl and SwanLab.
+    samples = sample_prompts(training.sample_prompts, eval_rows or train_rows, training.sample_count)
+    trainer.add_callback(SampleGeneration(trainer, samples, generation_config, training.sample_max_new_tokens))
+    fused = speed.fused_lm_head_applied(trainer.model)  # checked on the model, not taken on trust
+    choices.append(
+        "loss: TRL's fused LM head (trained positions only, no full logits)" if fused else "loss: full logits"
+    )
+    return Run(recipe, trainer, family, generation_config, train_rows, eval_rows, swanlab_mode, choices)
+
+
+def check_eval_data(training, eval_rows) -> None:
+    if training.eval_strategy != "no" and not eval_rows:
+        raise UserError(
+            f"eval_strategy is {training.eval_strategy.value} but there is no eval data; set val_size or "
+            "eval_dataset_name, or pass --eval_strategy no"
+        )
+    if training.do_predict and not eval_rows:
+        raise UserError(
+            "do_predict scores replies to the eval data and there is none; set val_size or eval_dataset_name"
+        )
+
+
+def tokenized_datasets(recipe: Recipe, tokenizer, train_rows, eval_rows):
+    """(train, eval or None) datasets of input_ids and labels, as the trainer gets them."""
+    settings = dict(
+        tokenizer=tokenizer,
+        max_length=recipe.training.max_length,
+        last_turn_only=recipe.data.last_turn_only,
+        num_proc=recipe.training.dataset_num_proc,
+        training_args=recipe.training,
+    )
+    return tuple(
+        tokenize_dataset(rows, name=name, **settings).select_columns(["input_ids", "labels"]) if rows else None
+        for name, rows in (("train", train_rows), ("eval", eval_rows))
+    )
+
+
+def trainer_arguments(training, swanlab_mode):
+    """The trainer's own copy of the training keys; the recipe's stay as the user gave them (recipe.yaml)."""
+    arguments = copy.copy(training)
+    if swanlab_mode == "disabled":  # SwanLab left out, so that it is not even imported
+        arguments.report_to = [name for name in training.report_to if name != "swanlab"]
+    if training.padding_free and not training.packing:
+        # Rows are already cut to max_length by our tokenization; TRL wants none to enforce without packing.
+        arguments.max_length = None
+    return arguments
