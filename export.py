@@ -67,7 +67,12 @@ def say(message: str) -> None:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON (cut off while saving?); export another checkpoint") from None
 
 
 def check_arguments(args) -> tuple[Path, Path]:
@@ -97,7 +102,43 @@ def check_arguments(args) -> tuple[Path, Path]:
         resolved_out, resolved_source = out_dir.resolve(), source.resolve()
         if resolved_source == resolved_out or resolved_out in resolved_source.parents:
             raise UserError(f"--out_dir {out_dir} holds the model being exported; choose another directory")
+    from glm_sft.checkpoints import check_writable_dir, weights_problem
+
+    check_writable_dir(out_dir.parent, "out_dir")  # the export is written beside out_dir, then renamed
+    for name in ("adapter_config.json", "config.json"):
+        read_json(source / name)  # a cut-off config is one line here, not a traceback inside the loader
+    if problem := weights_problem(source):
+        raise UserError(
+            f"{source}: {problem}: the folder is corrupt (cut off while saving?); export another checkpoint"
+        )
     return source, out_dir
+
+
+STAGING_KINDS = ("exporting", "old")  # .NAME.exporting-PID-*: an export being written; .NAME.old-PID-*: set aside
+
+
+def staging_prefix(out_dir: Path, kind: str) -> str:
+    return f".{out_dir.name}.{kind}-{os.getpid()}-"
+
+
+def clean_stale_staging(out_dir: Path) -> None:
+    """Remove what an export into out_dir that was killed left beside it (its process is gone); an old export that
+    was set aside for --force and not yet replaced is put back first."""
+    from glm_sft.checkpoints import _process_alive
+
+    if not out_dir.parent.is_dir():
+        return
+    for kind in STAGING_KINDS:
+        for folder in sorted(out_dir.parent.glob(f".{out_dir.name}.{kind}-*")):
+            pid = folder.name.removeprefix(f".{out_dir.name}.{kind}-").split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+                continue  # an export running now
+            set_aside = folder / out_dir.name
+            if kind == "old" and set_aside.is_dir() and not out_dir.exists():
+                os.replace(set_aside, out_dir)
+                say(f"note: put back {out_dir}, which a stopped export had set aside in {folder}")
+            shutil.rmtree(folder, ignore_errors=True)
+            say(f"note: removed {folder}, left by an export that was stopped")
 
 
 def load_merged_model(source: Path, recipe: dict, dtype):
@@ -171,17 +212,35 @@ def final_losses(source: Path) -> tuple[str, str]:
     )
 
 
+def run_facts(source: Path) -> dict:
+    """The run.json train.py wrote with its result (rows used, steps, final losses): in the folder or, for a
+    checkpoint-N, in the run's output_dir; {} for results of older versions."""
+    for folder in (source, source.parent):
+        if (folder / "run.json").is_file():
+            try:
+                return read_json(folder / "run.json")
+            except UserError:
+                return {}
+    return {}
+
+
 def model_card(source: Path, recipe: dict, merged: dict, family: str, dtype_name: str) -> str:
     base = merged.get("base") or recipe.get("model_name_or_path") or "not recorded"
     method = recipe.get("finetuning_type") or ("lora" if merged else "full or freeze (not recorded)")
     if merged.get("dora") and method == "lora":
         method = "lora (DoRA)"
     train_loss, eval_loss = final_losses(source)
-    data = [f"- training data: {recipe.get('dataset_name', 'not recorded')} (row count not recorded)"]
+    facts = run_facts(source)
+    train_rows, eval_rows = (
+        f"{facts[key]} rows" if isinstance(facts.get(key), int) else "row count not recorded"
+        for key in ("train_rows", "eval_rows")
+    )
+    data = [f"- training data: {recipe.get('dataset_name', 'not recorded')} ({train_rows})"]
     if recipe.get("eval_dataset_name"):
-        data.append(f"- evaluation data: {recipe['eval_dataset_name']} (row count not recorded)")
+        data.append(f"- evaluation data: {recipe['eval_dataset_name']} ({eval_rows})")
     elif recipe.get("val_size"):
-        data.append(f"- evaluation data: {recipe['val_size']} held out of the training data")
+        held_out = eval_rows if isinstance(facts.get("eval_rows"), int) else str(recipe["val_size"])
+        data.append(f"- evaluation data: {held_out} held out of the training data (val_size {recipe['val_size']})")
     settings = [f"- {key}: {recipe[key]}" for key in CARD_KEYS if key in recipe and recipe[key] is not None]
     notes = []
     if merged:
@@ -247,7 +306,7 @@ def move_into_place(staging: Path, out_dir: Path) -> None:
     """Rename the finished export to out_dir; an old out_dir (--force) is set aside first and removed after."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir, "old"), dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
     os.replace(staging, out_dir)
     if old is not None:
@@ -258,6 +317,7 @@ def move_into_place(staging: Path, out_dir: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     source, out_dir = check_arguments(args)
+    clean_stale_staging(out_dir)
 
     from glm_sft.loading import quiet_transformers, read_run_recipe, torch_dtype
 
@@ -265,7 +325,12 @@ def main(argv=None):
     dtype = torch_dtype(args.dtype, "full", False)
     recipe = read_run_recipe(source)
 
-    model, merged = load_merged_model(source, recipe, dtype)
+    try:
+        model, merged = load_merged_model(source, recipe, dtype)
+    except Exception as error:  # a weight file cut off in a way the check above missed (safetensors' own error)
+        if not isinstance(error, OSError) and "safetensor" not in type(error).__name__.lower():
+            raise
+        raise UserError(f"{source}: the weights cannot be read ({error}); export another checkpoint") from None
     model = model.to(dtype)
     tokenizer, family = load_export_tokenizer(source, recipe, merged.get("base"))
     config = generation_config(source, tokenizer, family)
@@ -273,15 +338,38 @@ def main(argv=None):
 
     # Written beside the target under a dot name, then renamed: an interrupted export leaves nothing that looks done.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.exporting-", dir=out_dir.parent))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir, "exporting"), dir=out_dir.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
         write_export(staging, model, tokenizer, config, card, args.max_shard_size)
         move_into_place(staging, out_dir)
+    except Exception as exception:  # a full disk, a read-only or vanished target: nothing half-written stays
+        from glm_sft.checkpoints import folder_size, human_size, storage_error
+
+        if (error := storage_error(exception)) is None:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+        written = folder_size(staging) if staging is not None else 0
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        needed = max(written, sum(p.numel() * p.element_size() for p in model.parameters()))
+        try:
+            free = f", {human_size(shutil.disk_usage(out_dir.parent).free)} free there"
+        except OSError:
+            free = ""
+        where = f" ({error.filename})" if error.filename else ""
+        raise UserError(
+            f"cannot write the export into {out_dir.parent}: {error.strerror or error}{where}; it needs about "
+            f"{human_size(needed)}{free}; nothing was left there"
+        ) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     say(f"exported to {out_dir}; chat with: python chat_cli.py --model {out_dir}")
 

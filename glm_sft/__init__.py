@@ -3,9 +3,17 @@
 import functools
 import logging
 import sys
+import warnings
 
-# bitsandbytes' CPU backend warns on import that an optional kernel from the hub is not installed; it is not needed.
+# Noise on every run that says nothing to our users, silenced at the one place each comes from:
+# bitsandbytes' CPU backend warns on import that an optional kernel from the hub is not installed (not needed);
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# DeepSpeed announces at import that it found no GPU (also in export and chat, which never use it);
+logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith("Setting accelerator to"))
+# PEFT looks up the config of `builtin:...` (our name for the tiny models) at each save, to see if the vocabulary grew;
+warnings.filterwarnings("ignore", message="Could not find a config file in builtin:", category=UserWarning)
+# transformers 5 renamed is_gradient_checkpointing; TRL and PEFT still call the old name.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class UserError(Exception):
@@ -13,20 +21,30 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main):
-    """Wrap a script's main(): a UserError ends the run with its message on stderr and exit code 1."""
+    """Wrap a script's main(): a UserError ends the run with its message on stderr and exit code 1. However main
+    ends, the output_dir lock it took (glm_sft.checkpoints) is released."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as error:
+            _release_locks()  # before a launch's other processes are ended: the lock goes with the error
             from glm_sft.distributed import defer_to_main_process
 
             defer_to_main_process()  # under accelerate launch, the main process reports an error all processes share
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        finally:
+            _release_locks()
 
     return wrapper
+
+
+def _release_locks() -> None:
+    checkpoints = sys.modules.get("glm_sft.checkpoints")  # only a script that took a lock has imported it
+    if checkpoints is not None:
+        checkpoints.release_output_locks()

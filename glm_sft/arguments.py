@@ -9,6 +9,7 @@ can be ours without guessing, and the run can save exactly the recipe it was giv
 import argparse
 import difflib
 import enum
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -269,6 +270,8 @@ def parse_recipe(
                 "GPUs --bf16 false --fp16 true (and watch for NaN losses)"
             )
         raise UserError(message) from None
+    except argparse.ArgumentError as error:  # a recipe file value that does not convert (learning_rate: fast)
+        raise UserError(f"{error}; see python train.py --help for the keys") from None
     if unknown:
         option = next((item for item in unknown if item.startswith("-")), unknown[0])
         raise UserError(f"unknown option {option}{parser.suggestion(option)}; see python train.py --help for the keys")
@@ -280,7 +283,28 @@ def parse_recipe(
         raise UserError(
             f"finetuning_type {model.finetuning_type!r} is unknown; use one of {', '.join(FINETUNING_TYPES)}"
         )
+    check_training_values(training)
     return Recipe(model, data, training, given, argv, tuple(extra_groups))
+
+
+def check_training_values(training) -> None:
+    """Training keys whose value would train nothing or fail only after the model loads."""
+    rate = training.learning_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise UserError(
+            f"learning_rate {rate!r} must be a positive number (adapters: 1e-4 to 5e-4; full fine-tuning about ten "
+            "times lower)"
+        )
+    if training.max_steps == 0 or training.max_steps < -1:
+        raise UserError(
+            f"max_steps {training.max_steps} trains nothing; give a positive number of steps, or -1 (the default) to "
+            "train for num_train_epochs"
+        )
+    if training.max_steps < 0 and not training.num_train_epochs > 0:
+        raise UserError(
+            f"num_train_epochs {training.num_train_epochs} trains nothing; give a positive number of epochs (a "
+            "fraction such as 0.5 trains half an epoch), or set max_steps"
+        )
 
 
 def _read_recipe_file(path: str, parser) -> dict:

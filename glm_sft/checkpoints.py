@@ -1,17 +1,24 @@
-"""What a run leaves in output_dir, kept safe: the finished-model check, the checkpoint to resume from, a clean stop
-on Ctrl-C / SIGTERM, a final save that never leaves a half-written model.
+"""What a run leaves in output_dir, kept safe: the output_dir checks (writable, finished model, one run at a time), the
+checkpoint to resume from, a clean stop on Ctrl-C / SIGTERM, a final save that never leaves a half-written model and
+never costs the run when it fails.
 
-A checkpoint folder `checkpoint-N` is complete once its trainer_state.json exists: transformers writes that file last,
-so a folder without it was cut off while being written and is never resumed from.
+A checkpoint folder `checkpoint-N` is complete once its trainer_state.json exists and reads back, and its weight files
+are whole: transformers writes trainer_state.json last, so a folder without it was cut off while being written; a
+truncated state or weight file (a full disk, a crash of the machine) is caught by reading it. Neither is resumed from.
 """
 
+import atexit
 import contextlib
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -25,10 +32,33 @@ STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Where the final save is written before its files are moved into output_dir (a dot folder: no tool lists it).
 STAGING_NAME = ".saving-final-model"
+# Held by the run training into output_dir: {"pid", "host", "started"}; created atomically, removed at the end.
+LOCK_NAME = ".glm-sft.lock"
+
+
+def check_writable_dir(path, what: str = "output_dir") -> None:
+    """`path` is (or can be made) a directory this process can write into; found before any weights load."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise UserError(f"{what} {path} {where}, not a directory; choose another --{what}")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".glm-sft-write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(
+            f"{what} {path} cannot be written ({reason}: {existing}); choose another --{what}, or make it writable"
+        ) from None
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuse to train over a finished model unless asked to, so a re-run never silently destroys a result."""
+    """Refuse to train over a finished model unless asked to, so a re-run never silently destroys a result; refuse an
+    output_dir that cannot be written, before training rather than at the final save."""
+    check_writable_dir(output_dir)
     path = Path(output_dir)
     finished = [name for name in FINISHED_MARKERS if (path / name).exists()]
     if finished and not overwrite:
@@ -38,8 +68,145 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         )
 
 
+def _lock_owner(lock: Path) -> dict | None:
+    try:
+        owner = json.loads(lock.read_text(encoding="utf-8"))
+        return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:  # a zombie (exited, not yet reaped) is not a running training
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+_held_locks: set[Path] = set()
+
+
+def acquire_output_lock(output_dir) -> Path:
+    """Take output_dir/.glm-sft.lock for this process, so that a second run into the same output_dir is refused.
+
+    A lock whose process is gone (same host, pid not alive) is stale: replaced with a warning. A lock this process
+    already holds is kept (a second run built in the same process). Released by release_output_locks, which
+    exit_on_user_error calls when a script ends, and at interpreter exit.
+    """
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(50):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is None:  # just created and not yet written, or garbage: garbage once it is a few seconds old
+                with contextlib.suppress(OSError):
+                    if time.time() - lock.stat().st_mtime > 10:
+                        print(f"warning: replacing the unreadable lock file {lock}", file=sys.stderr)
+                        lock.unlink()
+                time.sleep(0.2)
+                continue
+            if owner["pid"] == me["pid"] and owner.get("host") == me["host"]:
+                break  # ours already
+            if owner.get("host") == me["host"] and not _process_alive(owner["pid"]):
+                print(
+                    f"warning: {output_dir} was locked by process {owner['pid']}, which is no longer running (stopped "
+                    "without cleaning up); taking it over",
+                    file=sys.stderr,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            since = owner.get("started", "an unknown time")
+            raise UserError(
+                f"{output_dir} is in use by another training run (pid {owner['pid']} on {owner.get('host')}, since "
+                f"{since}); wait for it to finish or choose another --output_dir (if that run is gone, delete {lock})"
+            ) from None
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            json.dump({**me, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, file)
+        break
+    else:
+        raise UserError(f"{lock} could not be taken (it keeps changing); is another run starting in {output_dir}?")
+    if not _held_locks:
+        atexit.register(release_output_locks)
+    _held_locks.add(lock)
+    return lock
+
+
+def release_output_locks() -> None:
+    """Remove the output_dir locks this process holds (those still naming this process)."""
+    for lock in list(_held_locks):
+        _held_locks.discard(lock)
+        owner = _lock_owner(lock)
+        if owner and owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname():
+            with contextlib.suppress(OSError):
+                lock.unlink()
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (empty, header or data cut off), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or 8 + length > size:
+                return f"{path.name} is cut off ({size} bytes)"
+            header = json.loads(file.read(length))
+    except (OSError, ValueError):
+        return f"{path.name} cannot be read"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    if 8 + length + max(ends, default=0) > size:
+        return f"{path.name} is cut off ({size} bytes)"
+    return None
+
+
+def checkpoint_problem(checkpoint) -> str | None:
+    """Why checkpoint-N cannot be resumed from (cut off while saving, a truncated file), or None when it is whole."""
+    folder = Path(checkpoint)
+    state = folder / STATE_FILE
+    if not state.is_file():
+        return f"no {STATE_FILE}: the run was stopped while saving"
+    try:
+        if not isinstance(json.loads(state.read_text(encoding="utf-8")), dict):
+            raise ValueError
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is cut off or unreadable"
+    return weights_problem(folder)
+
+
+def weights_problem(folder) -> str | None:
+    """Why the weight files of a checkpoint or model folder cannot be whole (empty, cut off), or None."""
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors")):
+        if problem := _safetensors_problem(path):
+            return problem
+    for pattern in ("*.bin", "*.pt", "*.pth"):
+        for path in sorted(folder.glob(pattern)):
+            if path.is_file() and path.stat().st_size == 0:
+                return f"{path.name} is empty"
+    return None
+
+
 def is_complete(checkpoint) -> bool:
-    return (Path(checkpoint) / STATE_FILE).is_file()
+    return checkpoint_problem(checkpoint) is None
+
+
+def checkpoint_step(checkpoint) -> int | None:
+    """The global step a complete checkpoint was saved at."""
+    try:
+        return int(json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def list_checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
@@ -63,12 +230,11 @@ def resolve_resume_checkpoint(value, output_dir, announce: bool = True) -> str |
     if value is True or str(value).strip().lower() == "true":
         complete, incomplete = list_checkpoints(output_dir)
         if incomplete and announce:
-            names = ", ".join(str(path) for path in incomplete)
-            print(
-                f"warning: skipping incomplete checkpoint(s) {names} (no {STATE_FILE}: the run was stopped while "
-                "saving); they are left in place",
-                file=sys.stderr,
-            )
+            for path in incomplete:
+                print(
+                    f"warning: skipping incomplete checkpoint {path} ({checkpoint_problem(path)}); left in place",
+                    file=sys.stderr,
+                )
         if not complete:
             if announce:
                 print(
@@ -82,10 +248,10 @@ def resolve_resume_checkpoint(value, output_dir, announce: bool = True) -> str |
         checkpoint = str(value)
         if not Path(checkpoint).is_dir():
             raise UserError(f"resume_from_checkpoint: {checkpoint} does not exist (or is not a folder)")
-        if not is_complete(checkpoint):
+        if problem := checkpoint_problem(checkpoint):
             raise UserError(
-                f"resume_from_checkpoint: {checkpoint} is not a complete checkpoint (no {STATE_FILE}; it was cut off "
-                "while saving); pass an earlier checkpoint, or --resume_from_checkpoint true for the last complete one"
+                f"resume_from_checkpoint: {checkpoint} is not a complete checkpoint ({problem}); pass an earlier "
+                "checkpoint, or --resume_from_checkpoint true for the last complete one"
             )
     if announce:
         print(f"resuming from {checkpoint}", file=sys.stderr)
@@ -191,24 +357,141 @@ def resume_command(argv: list[str] | None = None, several_processes: bool = Fals
     return f"{launcher} {shlex.join([script, *kept, '--resume_from_checkpoint', 'true'])}"
 
 
-def save_final_model(trainer, output_dir, write_extra_files) -> None:
+def save_final_model(trainer, output_dir, write_extra_files, argv=None, several_processes=False) -> None:
     """trainer.save_model plus write_extra_files(folder), written into a staging folder inside output_dir and then
     moved into place file by file with os.replace: each file of the result appears complete or not at all, so a
     finished model is never overwritten by a half-written one.
+
+    A save that fails (a full disk, permissions) does not cost the run: the staging folder is removed, the trained
+    weights are kept (in the checkpoint of the last step, else written to a folder in the system's temporary
+    directory) and a UserError says where, how much space the save needs and how to finish it (`argv`: the user's
+    command line, for the resume command).
 
     Call it on every process (trainer.save_model must run everywhere); only the main process writes and moves.
     """
     output_dir = Path(output_dir)
     staging = output_dir / STAGING_NAME
     is_main = trainer.is_world_process_zero()
+    failure = None
     if is_main and staging.exists():
-        shutil.rmtree(staging)  # left over from a save that was cut off
+        shutil.rmtree(staging, ignore_errors=True)  # left over from a save that was cut off
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
+    try:
+        trainer.save_model(str(staging))
+        if is_main:
+            write_extra_files(staging)
+            move_into_place(staging, output_dir)
+    except Exception as error:
+        if (failure := storage_error(error)) is None:
+            raise
+    if _failed_anywhere(trainer, failure is not None):
+        _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, failure, argv, several_processes)
+    trainer.accelerator.wait_for_everyone()
+
+
+def storage_error(error: Exception) -> OSError | None:
+    """The OSError a failed write amounts to (safetensors raises its own error for a full disk), or None when the
+    error is not about storage."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"os error (\d+)", str(error))
+    if "safetensor" in type(error).__name__.lower() and found:
+        return OSError(int(found[1]), os.strerror(int(found[1])))
+    return None
+
+
+def _failed_anywhere(trainer, failed: bool) -> bool:
+    """Whether any process failed (every process calls it, so that all of them take the same way)."""
+    if getattr(getattr(trainer, "args", None), "world_size", 1) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([1.0 if failed else 0.0], device=trainer.args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return flag.item() > 0
+    return failed
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file()) if folder.is_dir() else 0
+
+
+def human_size(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def _weights_size(model) -> int:
+    """What the saved weights take: the trainable ones for an adapter, all of them for a full model."""
+    parameters = list(model.parameters())
+    if hasattr(model, "peft_config"):
+        parameters = [parameter for parameter in parameters if parameter.requires_grad]
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in parameters) * (
+        parameters[0].element_size() if parameters else 0
+    )
+
+
+def _rescue_folder(output_dir: Path, step: int) -> Path:
+    base = Path(tempfile.gettempdir()) / f"glm-sft-{output_dir.name or 'run'}-final-step-{step}"
+    folder, number = base, 1
+    while folder.exists():
+        number += 1
+        folder = base.with_name(f"{base.name}-{number}")
+    return folder
+
+
+def _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, failure, argv, several_processes):
+    """After a failed final save: free what it wrote, keep the trained weights somewhere whole, raise a UserError."""
+    is_main = trainer.is_world_process_zero()
+    staged = folder_size(staging)
     if is_main:
-        write_extra_files(staging)
-        move_into_place(staging, output_dir)
-    trainer.accelerator.wait_for_everyone()
+        shutil.rmtree(staging, ignore_errors=True)
+    needed = max(staged, _weights_size(trainer.model))
+    step = trainer.state.global_step
+    checkpoint = output_dir / f"checkpoint-{step}"
+    if is_complete(checkpoint):
+        kept = (
+            f"the trained weights are safe in {checkpoint} (the checkpoint of the last step); once there is room, "
+            f"finish the save (no training) with: {resume_command(argv, several_processes=several_processes)}"
+        )
+    else:
+        rescue = _rescue_folder(output_dir, step)
+        try:
+            try:
+                trainer.save_model(str(rescue))
+                if is_main:
+                    write_extra_files(rescue)
+            except Exception as error:
+                if storage_error(error) is None:
+                    raise
+                raise storage_error(error) from error
+            needed = max(needed, folder_size(rescue))
+            kept = (
+                f"the trained model was written to {rescue} instead (all of the final save); move its files into "
+                f"{output_dir} once there is room, or use it from there"
+            )
+        except OSError as error:
+            if is_main:
+                shutil.rmtree(rescue, ignore_errors=True)
+            complete, _ = list_checkpoints(output_dir)
+            last = f"the last complete checkpoint is {complete[-1]}" if complete else "no checkpoint was saved"
+            kept = (
+                f"writing it to {rescue} failed too ({error.strerror or error}); {last}; the weights of step {step} "
+                "are lost"
+            )
+    try:
+        free = f", {human_size(shutil.disk_usage(output_dir).free)} free there"
+    except OSError:
+        free = ""
+    where = f" ({failure.filename})" if failure is not None and failure.filename else ""
+    reason = (failure.strerror or str(failure)) if failure is not None else "it failed on another process"
+    raise UserError(
+        f"the final save into {output_dir} failed: {reason}{where}; it needs about {human_size(needed)}{free}; {kept}"
+    )
 
 
 def move_into_place(staging: Path, output_dir: Path) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,18 @@ from typing import Any
 
 from glm_sft import UserError
 from glm_sft.template import CONTROL_TOKENS
-from glm_sft.tools import canonical_tools, json_type_name, parse_arguments, result_text, tool_call, tool_names
+from glm_sft.tools import (
+    StrictJSON,
+    canonical_tools,
+    is_python_call,
+    json_type_name,
+    loads_json,
+    parse_arguments,
+    python_call_arguments,
+    result_text,
+    tool_call,
+    tool_names,
+)
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 DATASET_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "firefly", "columns")
@@ -39,6 +51,13 @@ PLACEHOLDER_RECIPE_KEYS = {"name": "assistant_name", "author": "assistant_author
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# What a path that is neither a file nor a folder is, by its stat mode.
+_PATH_KINDS = {
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISFIFO: "a named pipe (FIFO)",
+    stat.S_ISSOCK: "a socket",
+}
 
 
 class DataError(UserError):
@@ -160,6 +179,12 @@ def _resolve(piece: str) -> tuple[list[_Source], str | None]:
             kind = f'"{path.suffix}"' if path.suffix else "(no extension)"
             return [], f"{piece}: unsupported file type {kind}; use a {_extension_list()} file"
         return [_file_source(piece, path)], None
+    if path.exists():  # neither a file nor a folder: /dev/null, a pipe, a socket
+        mode = path.stat().st_mode
+        kind = next((name for test, name in _PATH_KINDS.items() if test(mode)), "not a regular file")
+        return [], f"{piece}: {kind}, not a data file; give a {_extension_list()} file or a folder of them"
+    if path.is_symlink():
+        return [], f"{piece}: a symbolic link to {os.readlink(path)}, which does not exist"
     if _HUB_ID.fullmatch(piece) and not piece.lower().endswith(SUPPORTED_EXTENSIONS):
         return _hub_source(piece)
     return [], f"{piece}: no such file or folder"
@@ -195,11 +220,17 @@ def _hub_source(dataset_id: str) -> tuple[list[_Source], str | None]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise _UnreadableFile(f"not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+        data = path.read_bytes()
     except OSError as error:
         raise _UnreadableFile(f"cannot be read ({error.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        raise _UnreadableFile(
+            f"not UTF-8 text ({error.reason} at byte {error.start - line_start + 1} of the line); save it as UTF-8",
+            line=data.count(b"\n", 0, error.start) + 1,
+        ) from None
 
 
 def _json_rows(text: str) -> Iterator[tuple[int, Any]]:
@@ -222,23 +253,26 @@ def _json_rows(text: str) -> Iterator[tuple[int, Any]]:
 def _json_or_none(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer too long to read
         return None
 
 
 def _json_lines_rows(text: str) -> Iterator[tuple[int, Any]]:
+    decoder = StrictJSON()
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            row, problem = decoder.loads(line)
         except json.JSONDecodeError as error:
             yield number, _BadRow(f"not valid JSON ({error.msg} at column {error.colno})")
+            continue
+        yield number, _BadRow(f"the JSON {problem}") if problem else row
 
 
 def _json_list_rows(text: str) -> Iterator[tuple[int, Any]]:
     """The elements of a JSON list, each with the line where it starts; a syntax error stops the file."""
-    decoder = json.JSONDecoder()
+    decoder = StrictJSON()
     position = _JSON_SPACE.match(text, text.index("[") + 1).end()
     line, counted_to = 1, 0
     try:
@@ -248,8 +282,11 @@ def _json_list_rows(text: str) -> Iterator[tuple[int, Any]]:
             while True:
                 line += text.count("\n", counted_to, position)
                 counted_to = position
-                element, position = decoder.raw_decode(text, position)
-                yield line, element
+                element, end, problem = decoder.decode(text, position)
+                if end is None:  # parsing had to stop
+                    raise _UnreadableFile(f"the JSON {problem}; stopped reading this file", line=line)
+                position = end
+                yield line, _BadRow(f"the JSON {problem}") if problem else element
                 position = _JSON_SPACE.match(text, position).end()
                 if text.startswith(",", position):
                     position = _JSON_SPACE.match(text, position + 1).end()
@@ -322,6 +359,7 @@ class _Turn:
     content: Any
     label: str
     calls: list[tuple[Any, Any]] = field(default_factory=list)
+    trained: bool = True  # False for an assistant message with "loss": false (rendered, not trained)
 
 
 class _ConversationReader:
@@ -351,6 +389,7 @@ class _ConversationReader:
         detect_each_row = self.dataset_format == "auto" and not source.tabular  # JSON rows may mix formats
         rows_in_source = 0
         missing_placeholders_reported = set()
+        unknown_formats = {}  # the keys of rows whose format is unknown -> [problem, line of the first, count]
         try:
             for line, row in source.rows():
                 rows_in_source += 1
@@ -362,27 +401,31 @@ class _ConversationReader:
                     if row_format is None and source.tabular:  # every row has these keys: say it once
                         self.problems.append(_Problem(f"{where}: {self.unknown_format(row)}", whole_file=True))
                         return conversations
+                    if row_format is None:  # said once for all the rows with these keys, at the first of them
+                        keys = tuple(map(str, row))
+                        if keys not in unknown_formats:
+                            unknown_formats[keys] = [_Problem(""), line, 0]
+                            self.problems.append(unknown_formats[keys][0])
+                        unknown_formats[keys][2] += 1
+                        self.invalid_rows += 1
+                        continue
                 conversation, problems = self.convert_row(row, row_format)
                 if problems:
                     self.invalid_rows += 1
                     self.problems += [_Problem(f"{where}: {problem}") for problem in problems]
                     continue
-                for name in self.fill_placeholders(conversation["messages"]):
+                for name, problem in self.fill_placeholders(conversation["messages"]):
                     if name not in missing_placeholders_reported:
                         missing_placeholders_reported.add(name)
-                        key = PLACEHOLDER_RECIPE_KEYS[name]
-                        self.problems.append(
-                            _Problem(
-                                f"{where}: uses {{{{{name}}}}} but no value is set; "
-                                f"set {key} in the recipe (or --{key})",
-                                whole_file=True,
-                            )
-                        )
+                        self.problems.append(_Problem(f"{where}: uses {{{{{name}}}}} but {problem}", whole_file=True))
                 conversations.append({**conversation, "source": where})
         except _UnreadableFile as error:
             where = source.shown if error.line is None else f"{source.shown}:{error.line}"
             self.problems.append(_Problem(f"{where}: {error.problem}", whole_file=True))
             return conversations
+        finally:
+            for keys, (problem, line, count) in unknown_formats.items():
+                problem.text = f"{source.shown}:{line}: {self.unknown_format(dict.fromkeys(keys), count)}"
         if rows_in_source == 0:
             self.problems.append(_Problem(f"{source.shown}: no rows", whole_file=True))
         return conversations
@@ -405,12 +448,18 @@ class _ConversationReader:
             return "columns"
         return None
 
-    def unknown_format(self, row: dict) -> str:
-        return (
-            f"cannot tell the format of this row (keys: {', '.join(map(str, row)) or 'none'}); expected "
+    def unknown_format(self, row: dict, count: int = 1) -> str:
+        keys = [str(key) for key in row]
+        which = "this row" if count == 1 else f"{count} rows (this one and those after it with the same keys)"
+        text = (
+            f"cannot tell the format of {which} (keys: {', '.join(keys) or 'none'}); expected "
             f"messages/conversations, instruction+output (alpaca), conversation (firefly) or the columns "
             f"{self.prompt_column}/{self.response_column}; set dataset_format to choose"
         )
+        if len(keys) == 2 and self.prompt_column not in keys and self.response_column not in keys:
+            # Prompt/response pairs under other names (ADGEN writes content/summary).
+            text += f", or set prompt_column: {keys[0]} and response_column: {keys[1]}"
+        return text
 
     def convert_row(self, row: Any, row_format: str | None) -> tuple[dict, list[str]]:
         """The row's canonical conversation {"messages"[, "tools"]}, or the problems that keep it from being one."""
@@ -431,25 +480,29 @@ class _ConversationReader:
         problems = _conversation_problems(turns, tools)
         if problems:
             return {}, problems
-        # An empty system message renders nothing in the GLM formats, so leaving it out loses nothing.
-        messages = [_canonical_message(turn) for turn in turns if turn.role != "system" or turn.content.strip()]
+        messages = [_canonical_message(turn) for turn in _kept_turns(turns)]
         return ({"messages": messages, "tools": tools} if tools is not None else {"messages": messages}), []
 
-    def fill_placeholders(self, messages: list[dict]) -> list[str]:
-        """Fill {{name}} and {{author}} in place; return the placeholders used that have no value."""
-        missing = []
+    def fill_placeholders(self, messages: list[dict]) -> list[tuple[str, str]]:
+        """Fill {{name}} and {{author}} in place; return (placeholder, what is wrong with its value) for those used
+        that have no value, or a value with a control token in it (checked as message text is)."""
+        unusable = {}
 
         def value_for(match: re.Match) -> str:
-            value = self.placeholders.get(match.group(1))
-            if isinstance(value, str) and value.strip():
+            name = match.group(1)
+            key = PLACEHOLDER_RECIPE_KEYS[name]
+            value = self.placeholders.get(name)
+            if not isinstance(value, str) or not value.strip():
+                unusable.setdefault(name, f"no value is set; set {key} in the recipe (or --{key})")
+            elif token := _control_token(value):
+                unusable.setdefault(name, f"{key} ({_shown(value)}) contains the control token {token}; remove it")
+            else:
                 return value
-            if match.group(1) not in missing:
-                missing.append(match.group(1))
             return match.group(0)
 
         for message in messages:
             message["content"] = _PLACEHOLDER.sub(value_for, message["content"])
-        return [name for name in PLACEHOLDER_RECIPE_KEYS if name in missing]
+        return [(name, unusable[name]) for name in PLACEHOLDER_RECIPE_KEYS if name in unusable]
 
 
 def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
@@ -468,16 +521,23 @@ def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
             continue
         role = message.get("role")
         label = f"message {number} ({role})"
+        is_call = role == "tool" and "content" not in message and ("parameters" in message or "observation" in message)
+        loss = message.get("loss")
         if "role" not in message:
             problems.append(f'message {number} has no "role" (keys: {", ".join(map(str, message))})')
         elif not isinstance(role, str) or role not in ROLES:
             problems.append(f"message {number} has role {_shown(role)}; expected one of {', '.join(ROLES)}")
-        elif role == "tool" and "content" not in message and ("parameters" in message or "observation" in message):
+        elif loss is not None and not isinstance(loss, bool):
+            problems.append(f'{label} has "loss" of type {json_type_name(loss)}; expected true or false')
+        elif loss is True and role != "assistant" and not is_call:
+            problems.append(f'{label} has "loss": true, but only assistant messages are trained; remove it')
+        elif is_call:
             # ChatGLM3 / Firefly: one message stands for a call and its result.
             if "observation" not in message:
                 problems.append(f'{label} has "parameters" but no "observation" (the result of the call)')
                 continue
-            turns.append(_Turn("assistant", "", label, [(message.get("name"), message.get("parameters", {}))]))
+            call = (message.get("name"), message.get("parameters", {}))
+            turns.append(_Turn("assistant", "", label, [call], trained=loss is not False))
             turns.append(_Turn("tool", _result(message["observation"]), label))
         elif role == "assistant" and _has_value(message.get("tool_calls")):
             calls = message["tool_calls"]
@@ -485,16 +545,26 @@ def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
                 problems.append(f'{label} has "tool_calls" of type {json_type_name(calls)}; expected a list of calls')
                 continue
             content = "" if message.get("content") is None else message["content"]
-            turns.append(_Turn("assistant", content, label, [_openai_call(call) for call in calls]))
+            calls = [_openai_call(call) for call in calls]
+            turns.append(_Turn("assistant", content, label, calls, trained=loss is not False))
         elif role == "assistant" and _has_value(message.get("metadata")):
-            # GLM-4 native: the function name as metadata, the JSON arguments as content.
-            turns.append(_Turn("assistant", "", label, [(message["metadata"], message.get("content"))]))
+            # GLM-4 native: the function name as metadata, the JSON arguments as content; ChatGLM3 writes a fenced
+            # python tool_call(...) block as content instead.
+            name, arguments = message["metadata"], message.get("content")
+            if is_python_call(arguments):
+                arguments, problem = python_call_arguments(name, arguments)
+                if problem:
+                    problems.append(f"{label}: {problem}")
+                    continue
+            turns.append(_Turn("assistant", "", label, [(name, arguments)], trained=loss is not False))
+        elif role == "system" and _has_value(message.get("tools")) and not _has_value(message.get("content")):
+            continue  # GLM-4 native: a system message that only carries the tools, which render their own block
         elif "content" not in message:
             problems.append(f'{label} has no "content"')
         elif role in ("tool", "observation"):
             turns.append(_Turn("tool", _result(message["content"]), label))
         else:
-            turns.append(_Turn(role, message["content"], label))
+            turns.append(_Turn(role, message["content"], label, trained=role != "assistant" or loss is not False))
     return turns, problems
 
 
@@ -546,10 +616,9 @@ def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
             # The value is JSON: {"name", "arguments"}, or a list of those for calls made together.
             value = message["value"]
             if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError as error:
-                    problems.append(f"{label} has a value that is not JSON ({error.msg} at character {error.pos})")
+                value, problem = loads_json(value)
+                if problem:
+                    problems.append(f"{label} has a value that {problem.replace('is not valid JSON', 'is not JSON')}")
                     continue
             calls = value if isinstance(value, list) else [value]
             if not calls or not all(isinstance(call, dict) for call in calls):
@@ -587,6 +656,8 @@ def _canonical_message(turn: _Turn) -> dict:
     message = {"role": turn.role, "content": turn.content}
     if turn.calls:
         message["tool_calls"] = [tool_call(name, arguments) for name, arguments in turn.calls]
+    if not turn.trained:
+        message["loss"] = False  # the templates render it outside their generation block
     return message
 
 
@@ -663,8 +734,11 @@ ROW_CONVERTERS = {
 
 
 def _system_turn(row: dict) -> list[_Turn]:
-    """The optional top-level `system` of sharegpt, alpaca and firefly rows."""
-    return [] if row.get("system") is None else [_Turn("system", row["system"], '"system"')]
+    """The optional top-level `system` of sharegpt, alpaca and firefly rows; an empty one means none."""
+    system = row.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return []
+    return [_Turn("system", system, '"system"')]
 
 
 def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list[str]:
@@ -679,17 +753,25 @@ def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list
         problems += _call_problems(turn, tools)
     if problems:
         return problems
-    kept = [turn for turn in turns if turn.role != "system" or turn.content.strip()]
+    kept = _kept_turns(turns)
     for turn in kept[1:]:
         if turn.role == "system":
             problems.append(f"{turn.label} is a system message after the start; only the first message may be one")
     problems += _result_order_problems(kept)
     if not any(turn.role == "assistant" for turn in kept):
         problems.append("no assistant message; nothing to train on")
+    elif not any(turn.trained for turn in kept if turn.role == "assistant"):
+        problems.append('every assistant message has "loss": false; nothing to train on')
     elif kept[-1].role != "assistant":
         what = "a tool result" if kept[-1].role == "tool" else kept[-1].label
         problems.append(f"the conversation ends with {what}; it must end with an assistant reply")
     return problems
+
+
+def _kept_turns(turns: list[_Turn]) -> list[_Turn]:
+    """The turns of the conversation: an empty system message is kept only at the start, where ChatGLM3 renders it
+    (`<|system|>` and a newline, as its own builder does) and GLM-4's template renders nothing."""
+    return [turn for index, turn in enumerate(turns) if turn.role != "system" or index == 0 or turn.content.strip()]
 
 
 def _call_problems(turn: _Turn, tools: list[dict] | None) -> list[str]:
@@ -753,18 +835,30 @@ def read_datasets(data_args, *, seed: int) -> tuple[list[dict], list[dict] | Non
         "placeholders": {"name": data_args.assistant_name or "", "author": data_args.assistant_author or ""},
         "skip_invalid_rows": data_args.skip_invalid_rows,
     }
-    train_rows, stats = read_conversations(data_args.dataset_name, **options)
+    max_samples = data_args.max_samples
+    if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 1):
+        raise UserError(f"max_samples must be a number of rows, 1 or more; got {max_samples}")
+    if data_args.eval_dataset_name and data_args.val_size:
+        raise UserError("set either eval_dataset_name or val_size, not both")
+    # Training and eval data are both read before either's problems are raised, so that one report lists them all.
+    found, problems, total = [], [], 0
+    for name in filter(None, (data_args.dataset_name, data_args.eval_dataset_name)):
+        try:
+            found.append(read_conversations(name, **options))
+        except DataError as error:
+            problems, total = problems + error.problems, total + error.total
+    if problems:
+        raise DataError(problems, total=total)
+    train_rows, stats = found[0]
     report = f"data: {stats.read} rows read from {data_args.dataset_name}"
     if stats.skipped:
         report += f", {stats.skipped} invalid rows skipped"
-    if data_args.max_samples is not None and data_args.max_samples < len(train_rows):
-        report += f", first {data_args.max_samples} kept (max_samples)"
-        train_rows = train_rows[: data_args.max_samples]
+    if max_samples is not None and max_samples < len(train_rows):
+        report += f", first {max_samples} kept (max_samples)"
+        train_rows = train_rows[:max_samples]
     eval_rows = None
     if data_args.eval_dataset_name:
-        if data_args.val_size:
-            raise UserError("set either eval_dataset_name or val_size, not both")
-        eval_rows, eval_stats = read_conversations(data_args.eval_dataset_name, **options)
+        eval_rows, eval_stats = found[1]
         report += f"; {eval_stats.read} eval rows read from {data_args.eval_dataset_name}"
     elif data_args.val_size:
         train_rows, eval_rows = split_rows(train_rows, data_args.val_size, seed)

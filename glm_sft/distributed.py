@@ -14,8 +14,9 @@ import time
 from glm_sft import UserError
 
 # How long a process other than the main one waits before reporting a UserError: the main process meets the same
-# error at the same point, reports it and exits, and the launcher then ends the others, so the user reads it once.
-DEFER_ERROR_SECONDS = 5.0
+# error at about the same point (on a busy machine, many seconds later), reports it and exits, and the launcher then
+# ends the others at once, so the user reads it once. Only an error the main process does not meet waits this long.
+DEFER_ERROR_SECONDS = 60.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -145,4 +146,5 @@ def defer_to_main_process() -> None:
     others, so the message is read once. An error only this process meets is still reported after the wait.
     """
     if launched_processes()[1] > 1 and _env_int("RANK", 0) != 0:
-        time.sleep(DEFER_ERROR_SECONDS)
+        sys.stderr.flush()
+        time.sleep(DEFER_ERROR_SECONDS)  # the launcher's SIGTERM ends the sleep, and the process, quietly

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glm_sft import UserError
+from glm_sft.tokenization import encode_chat
 
 DEFAULT_CONTEXT = 4096  # for a config that does not say (max_position_embeddings)
+GENERATION_THREAD = "glm-sft-generate"  # the thread ChatModel.stream generates in
 
 
 @dataclass
@@ -50,9 +52,12 @@ class ChatModel:
             **sampling,
         )
 
-    def stream(self, messages, *, tools=None, stop: threading.Event | None = None, **settings):
+    def stream(
+        self, messages, *, tools=None, stop: threading.Event | None = None, usage: dict | None = None, **settings
+    ):
         """The reply's text piece by piece (the opening newline dropped). Setting `stop` ends generation at the next
-        token; closing the generator early (Ctrl-C in the loop that reads it) does the same."""
+        token; closing the generator early (Ctrl-C in the loop that reads it) does the same. A `usage` dict is filled
+        once generation has ended (see generation_usage)."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         stop = stop or threading.Event()
@@ -64,7 +69,16 @@ class ChatModel:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = self.generation_kwargs(messages, tools=tools, **settings)
         kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([Stopped()]))
-        thread = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        outputs, failures = [], []
+
+        def generate():
+            try:
+                outputs.append(self.model.generate(**kwargs))
+            except BaseException as error:  # raised again in the reading thread; the stream must still end
+                failures.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, name=GENERATION_THREAD, daemon=True)
         thread.start()
         started = False
         try:
@@ -77,18 +91,25 @@ class ChatModel:
         finally:
             stop.set()
             thread.join()
+            if usage is not None and outputs:
+                usage.update(generation_usage(kwargs, outputs[0][0].tolist(), self.stop_ids))
+        if failures:
+            raise failures[0]
 
     def reply(self, messages, **settings) -> str:
         """The whole reply as text."""
         return "".join(self.stream(messages, **settings)).strip()
 
-    def raw_reply(self, messages, *, tools=None, **settings) -> str:
-        """The reply as written after <|assistant|> ({metadata}\\n{content}, special tokens kept), not streamed."""
+    def raw_reply(self, messages, *, tools=None, usage: dict | None = None, **settings) -> str:
+        """The reply as written after <|assistant|> ({metadata}\\n{content}, special tokens kept), not streamed. A
+        `usage` dict is filled as stream fills it."""
         import torch
 
         kwargs = self.generation_kwargs(messages, tools=tools, **settings)
         with torch.no_grad():
             output = self.model.generate(**kwargs)
+        if usage is not None:
+            usage.update(generation_usage(kwargs, output[0].tolist(), self.stop_ids))
         new_ids = output[0, kwargs["input_ids"].shape[1] :].tolist()
         return self.tokenizer.decode(cut_at_stop(new_ids, self.stop_ids), skip_special_tokens=False)
 
@@ -107,10 +128,11 @@ def fit_prompt(tokenizer, messages: list[dict], budget: int, tools=None) -> tupl
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
 
-    def render(conversation, generation_prompt=True):
-        return tokenizer.apply_chat_template(
-            conversation, tools=tools, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+    def render(conversation, generation_prompt=True):  # as training encodes it: text in messages stays text
+        ids, _ = encode_chat(
+            tokenizer, conversation, tools=tools, add_generation_prompt=generation_prompt, close_final_turn=False
         )
+        return ids
 
     while True:
         ids = render(system + turns)
@@ -128,6 +150,21 @@ def fit_prompt(tokenizer, messages: list[dict], budget: int, tools=None) -> tupl
             "the prompt; shorten them or lower max_new_tokens"
         )
     return prefix + [ids[len(prefix)]] + ids[-room:], system + turns
+
+
+def generation_usage(generate_kwargs: dict, output_ids: list[int], stop_ids) -> dict:
+    """What one generation used, in the OpenAI API's terms: prompt_tokens, completion_tokens (the new tokens, the
+    end-of-turn token included), and finish_reason: "stop" when an end-of-turn token (or a stop request) ended it,
+    "length" when it ran to max_new_tokens without one."""
+    prompt_tokens = generate_kwargs["input_ids"].shape[1]
+    new_ids = output_ids[prompt_tokens:]
+    ended_by_stop_token = len(cut_at_stop(new_ids, stop_ids)) < len(new_ids)
+    ran_to_the_limit = len(new_ids) >= generate_kwargs["max_new_tokens"]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(new_ids),
+        "finish_reason": "length" if ran_to_the_limit and not ended_by_stop_token else "stop",
+    }
 
 
 def cut_at_stop(ids: list[int], stop_ids) -> list[int]:

@@ -11,13 +11,38 @@ from glm_sft import UserError
 from glm_sft.builtin import builtin_path, is_builtin
 from glm_sft.template import attach_template, detect_family
 
+# Where the recipes put downloaded and converted weights (their header comments say how they get there).
+MODELS_FOLDER = "models"
+# ModelScope publishes THUDM's GLM checkpoints under ZhipuAI.
+MODELSCOPE_OWNERS = {"THUDM": "ZhipuAI"}
+HUB_PROBE_SECONDS = 3.0
 
-def download_hint(name: str) -> str:
-    local = f"models/{name.split('/')[-1]}"
+
+def download_hint(name: str, local: str | None = None) -> str:
+    """How to get hub model `name` into the local directory `local` (default: models/ + its name)."""
+    local = local or f"{MODELS_FOLDER}/{name.split('/')[-1]}"
+    owner, _, rest = name.partition("/")
+    modelscope = f"{MODELSCOPE_OWNERS.get(owner, owner)}/{rest}"
     return (
-        f"download it with `hf download {name} --local-dir {local}` (or `modelscope download --model {name} "
-        f"--local_dir {local}`) and set model_name_or_path: {local}"
+        f"download it with `hf download {name} --local-dir {local}` (or `modelscope download --model {modelscope} "
+        f"--local_dir {local}`)"
     )
+
+
+def missing_directory_hint(name: str) -> str:
+    """What to do about a local model directory that is not there: for the recipes' models/ folders, how to get it."""
+    path = Path(name)
+    if path.parent.name != MODELS_FOLDER:
+        return f"{name}: no such model directory"
+    if path.name.startswith("chatglm3") and path.name.endswith("-hf"):
+        original = path.name.removesuffix("-hf")
+        source = str(path.with_name(original))
+        return (
+            f"{name}: no such model directory; it is THUDM/{original} converted to transformers' native GLM classes: "
+            f"{download_hint(f'THUDM/{original}', source)}, then convert it once with `python convert_chatglm3.py "
+            f"{source} --out {name}`"
+        )
+    return f"{name}: no such model directory; if it is THUDM/{path.name}, {download_hint(f'THUDM/{path.name}', name)}"
 
 
 def resolve_model_path(name: str, needs: str = "config.json") -> str:
@@ -29,9 +54,11 @@ def resolve_model_path(name: str, needs: str = "config.json") -> str:
         return str(builtin_path(name))
     path = Path(name).expanduser()
     if not path.exists():
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
-        if looks_local:
-            raise UserError(f"{name}: no such model directory")
+        first = name.split("/")[0]
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or first == MODELS_FOLDER
+        if looks_local or Path(first).is_dir():
+            raise UserError(missing_directory_hint(name))
+        check_hub_reachable(name, needs)
         return name  # a hub id: from_pretrained finds it in the local cache or downloads it
     if not (path / needs).is_file():
         kind = "model" if needs == "config.json" else "tokenizer"
@@ -47,6 +74,26 @@ def resolve_model_path(name: str, needs: str = "config.json") -> str:
     return str(path)
 
 
+def check_hub_reachable(name: str, needs: str) -> None:
+    """A hub model that is not in the local cache needs the hub: without a network say so at once, rather than after
+    the hub client's retries (about 46 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, needs), str) or constants.HF_HUB_OFFLINE:
+        return  # cached, or offline mode: from_pretrained answers at once either way
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        raise UserError(
+            f"model {name} is not a local directory, not in the hub cache, and {host} cannot be reached; "
+            f"{download_hint(name)} and set model_name_or_path to that directory"
+        ) from None
+
+
 def _from_pretrained(loader, name: str, location: str, **kwargs):
     """Call loader.from_pretrained, turning 'not found / not reachable' into one message with the download command."""
     try:
@@ -57,7 +104,7 @@ def _from_pretrained(loader, name: str, location: str, **kwargs):
         offline = " (offline mode: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise UserError(
             f"model {name} is not a local directory and could not be fetched from the hub{offline}; "
-            f"{download_hint(name)}"
+            f"{download_hint(name)} and set model_name_or_path to that directory"
         ) from None
 
 

@@ -6,13 +6,22 @@ Every problem a user can cause (recipe, data, method against launch) is found be
 
 import copy
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from glm_sft import UserError, speed, tracking
 from glm_sft.arguments import Recipe
 from glm_sft.callbacks import SampleGeneration, sample_prompts
-from glm_sft.checkpoints import GracefulStop, check_output_dir, resolve_resume_checkpoint, save_final_model
+from glm_sft.checkpoints import (
+    STATE_FILE,
+    GracefulStop,
+    acquire_output_lock,
+    check_output_dir,
+    checkpoint_step,
+    resolve_resume_checkpoint,
+    save_final_model,
+)
 from glm_sft.data import read_datasets
 from glm_sft.distributed import check_launch, main_process_output
 from glm_sft.evaluation import predict_after_training
@@ -20,6 +29,8 @@ from glm_sft.inference import generation_config_for
 from glm_sft.loading import load_model, load_tokenizer, torch_dtype
 from glm_sft.methods import build_peft_config, check_method, count_parameters, prepare_model, quantization_config
 from glm_sft.tokenization import tokenize_dataset
+
+RUN_FACTS = "run.json"  # beside recipe.yaml: the rows the run used, its steps and final losses
 
 
 @dataclass
@@ -65,6 +76,10 @@ class Run:
         checkpoint = resolve_resume_checkpoint(
             self.recipe.training.resume_from_checkpoint, self.output_dir, announce=self.is_main
         )
+        if checkpoint is not None and self.finished_in(checkpoint):
+            if self.trainer.eval_dataset is not None:
+                self.trainer.evaluate()
+            return None
         stop = GracefulStop(announce=self.is_main)
         self.trainer.add_callback(stop)
         with stop.catching_signals():
@@ -77,6 +92,43 @@ class Run:
             several = self.recipe.training.world_size > 1
             print(stop.report(self.output_dir, self.trainer.state.max_steps, self.recipe.argv, several))
         return stop.exit_code
+
+    def planned_steps(self) -> int | None:
+        """The optimizer steps this run trains in all (max_steps, else from the epochs and the data)."""
+        training = self.recipe.training
+        if training.max_steps > 0:
+            return training.max_steps
+        try:
+            return self.trainer.set_initial_training_values(training, self.trainer.get_train_dataloader())[-1]
+        except (AttributeError, TypeError):  # a transformers without that helper: let the trainer decide
+            return None
+
+    def finished_in(self, checkpoint: str) -> bool:
+        """Whether `checkpoint` was saved at this run's last step (cut off during or after its final save); then its
+        weights become the trainer's, as they were at the end of training, and no step is trained past the end.
+
+        transformers' Trainer, resumed from the checkpoint of the last step, would train one step more.
+        """
+        step, planned = checkpoint_step(checkpoint), self.planned_steps()
+        if step is None or planned is None or step < planned:
+            return False
+        if self.trainer.is_deepspeed_enabled:  # its weights load only inside train(): resumed as usual there
+            if self.is_main:
+                print(
+                    f"note: {checkpoint} is at the last step; DeepSpeed resumes it through training", file=sys.stderr
+                )
+            return False
+        from transformers import TrainerState
+
+        self.trainer._load_from_checkpoint(checkpoint)
+        self.trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / STATE_FILE))
+        if self.is_main:
+            print(
+                f"{checkpoint} is at step {step}, the last of this run ({planned}): training was done; saving the "
+                "final model from it",
+                file=sys.stderr,
+            )
+        return True
 
     def start_swanlab(self) -> None:
         trainable, total = count_parameters(self.trainer.model)
@@ -95,8 +147,28 @@ class Run:
             self.generation_config.save_pretrained(folder)
             self.trainer.state.save_to_json(str(folder / "trainer_state.json"))  # the loss history, for model cards
             self.recipe.save(folder / "recipe.yaml")
+            facts = self.facts()
+            (folder / RUN_FACTS).write_text(json.dumps(facts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (folder / "README.md").write_text(model_card(self, facts), encoding="utf-8")  # replaces PEFT's template
 
-        save_final_model(self.trainer, self.output_dir, write_extra_files)
+        several = self.recipe.training.world_size > 1
+        save_final_model(self.trainer, self.output_dir, write_extra_files, self.recipe.argv, several)
+
+    def facts(self) -> dict:
+        """What the run used and reached, for run.json and the model cards (export.py reads it too)."""
+        history = self.trainer.state.log_history
+        train_losses = [entry["loss"] for entry in history if "loss" in entry]
+        eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+        eval_dataset = self.trainer.eval_dataset
+        return {
+            "train_rows": len(self.train_rows),
+            "eval_rows": len(self.eval_rows or []),
+            "train_sequences": len(self.trainer.train_dataset),
+            "eval_sequences": len(eval_dataset) if eval_dataset is not None else 0,
+            "global_step": self.trainer.state.global_step,
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        }
 
     def predict(self) -> None:
         """do_predict: replies to the eval rows, scored, into predictions.jsonl and metrics.json."""
@@ -121,6 +193,51 @@ class Run:
         print(f"saved to {self.output_dir}; chat with: python chat_cli.py {flag} {self.output_dir}")
 
 
+def model_card(run: Run, facts: dict) -> str:
+    """output_dir/README.md: what was trained on what, how it ended, and how to chat with it or export it."""
+    model_args, data_args = run.recipe.model, run.recipe.data
+    adapter = model_args.finetuning_type not in ("full", "freeze")
+    flag = "--adapter" if adapter else "--model"
+
+    def loss(value):
+        return f"{value:.4f} (step {facts['global_step']})" if value is not None else "not recorded"
+
+    if data_args.eval_dataset_name:
+        evaluation = f"{data_args.eval_dataset_name} ({facts['eval_rows']} rows)"
+    elif facts["eval_rows"]:
+        evaluation = f"{facts['eval_rows']} rows held out of the training data (val_size {data_args.val_size})"
+    else:
+        evaluation = "none"
+    return "\n".join(
+        [
+            "# Fine-tuned GLM model",
+            "",
+            f"Trained by glm-sft's train.py ({'an adapter' if adapter else 'the whole model'}).",
+            "",
+            f"- base model: {model_args.model_name_or_path}",
+            f"- method: {model_args.finetuning_type}",
+            f"- chat format: {run.family}",
+            f"- training data: {data_args.dataset_name} ({facts['train_rows']} rows, {facts['train_sequences']} "
+            "training sequences)",
+            f"- evaluation data: {evaluation}",
+            f"- steps: {facts['global_step']}",
+            f"- final train loss: {loss(facts['final_train_loss'])}",
+            f"- final eval loss: {loss(facts['final_eval_loss'])}",
+            "",
+            "The full recipe is in `recipe.yaml` (`python train.py --config recipe.yaml` repeats the run), the loss "
+            "history in `trainer_state.json`.",
+            "",
+            "## Usage",
+            "",
+            "```bash",
+            f"python chat_cli.py {flag} path/to/this/dir                       # chat in the terminal",
+            "python export.py path/to/this/dir --out_dir exported/my-model   # one plain transformers directory",
+            "```",
+            "",
+        ]
+    )
+
+
 def build_run(recipe: Recipe, model=None) -> Run:
     """Everything up to training. `model`: an already built model to train instead of loading model_name_or_path
     (the benchmarks pass one)."""
@@ -135,6 +252,8 @@ def build_run(recipe: Recipe, model=None) -> Run:
         train_rows, eval_rows = read_datasets(data_args, seed=training.seed)
     check_eval_data(training, eval_rows)
     swanlab_mode = tracking.resolve_swanlab_mode(training.swanlab_mode, training)
+    if training.process_index == 0:  # one run at a time per output_dir (created here); under a launch, the main's
+        acquire_output_lock(training.output_dir)
 
     tokenizer, family = load_tokenizer(model_args.model_name_or_path, model_args.template, training.trust_remote_code)
     train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, train_rows, eval_rows)
@@ -206,4 +325,6 @@ def trainer_arguments(training, swanlab_mode):
     if training.padding_free and not training.packing:
         # Rows are already cut to max_length by our tokenization; TRL wants none to enforce without packing.
         arguments.max_length = None
+    if training.dataloader_pin_memory and training.device.type == "cpu":
+        arguments.dataloader_pin_memory = False  # nothing to pin for: torch would warn at every epoch
     return arguments

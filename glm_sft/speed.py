@@ -124,9 +124,9 @@ def check_batching(model_args, training_args) -> None:
 def configure(model, model_args, training_args) -> list[str]:
     """Choose batching and attention for this run, the one place that decides; returns the lines for the log.
 
-    padding_free unset (None) is our default: padding-free where the model and method allow it, else padded,
-    length-grouped batches. Set to true where it cannot hold, it is an error (as packing is). An unset
-    train_sampling_strategy becomes random for padding-free batches and group_by_length for padded ones.
+    padding_free unset (None) is our default: padding-free where the model and method allow it and a batch holds
+    more than one row, else padded. Set to true where it cannot hold, it is an error (as packing is). An unset
+    train_sampling_strategy becomes group_by_length for padded batches of several rows (less padding), else random.
     """
     check_batching(model_args, training_args)
     reason = supports_padding_free(model)
@@ -136,11 +136,15 @@ def configure(model, model_args, training_args) -> list[str]:
         for key in ("packing", "padding_free"):
             if getattr(training_args, key):
                 raise UserError(f"{key} cannot be used here: {reason}; set --{key} false")
+    # One row per batch holds no padding to remove: padding-free would change nothing (and TRL warns about it).
+    one_row = training_args.per_device_train_batch_size == 1 and not training_args.packing
     if training_args.padding_free is None:
-        training_args.padding_free = reason is None
+        training_args.padding_free = reason is None and not one_row
+        if one_row and reason is None:
+            reason = "per_device_train_batch_size 1: no padding to remove"
     packed = training_args.padding_free or training_args.packing
     if training_args.train_sampling_strategy is None:
-        training_args.train_sampling_strategy = "random" if packed else "group_by_length"
+        training_args.train_sampling_strategy = "random" if packed or one_row else "group_by_length"
     if packed:
         if flash_attention_usable(model):
             attention = "flash_attention_2"

@@ -38,8 +38,12 @@ SPECIAL_TOKENS = {
         "<|observation|>",
     ],
 }
-# Tokens that structure a GLM conversation: in message text they would silently change its format.
-CONTROL_TOKENS = tuple(token for token in SPECIAL_TOKENS["glm4"] if "_of_" not in token)
+# Spellings refused in message text (data.py), for every family, since data is read before the family is known:
+# GLM-4's tokenizer (glm-4-9b-chat's, and the -hf tokenizer.json) reads its special tokens in any text, so in content
+# they would silently change the conversation's format (or, <|begin_of_image|> and the like, insert a control token).
+# ChatGLM3's own builder encodes message text with sentencepiece alone, so its spellings (sop, eop, <s>, </s>, <unk>)
+# stay text; glm_sft.tokenization encodes them as text too.
+CONTROL_TOKENS = tuple(SPECIAL_TOKENS["glm4"])
 # The tokens that end a model's turn: generation stops at any of them.
 STOP_TOKENS = {
     "glm4": ["<|endoftext|>", "<|user|>", "<|observation|>"],

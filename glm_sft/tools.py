@@ -8,6 +8,8 @@ The templates render them in each family's native format; `parse_reply` is the i
 
 import ast
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,98 @@ from glm_sft import UserError
 
 class MalformedCall(ValueError):
     """A reply that starts a tool call (a function name as metadata) whose arguments cannot be read."""
+
+
+MAX_JSON_DEPTH = 100  # lists and objects inside one another; deeper data is refused, not parsed into a RecursionError
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class StrictJSON:
+    """A decoder for JSON only. Python's json module also takes NaN and Infinity, lets the last of two equal keys win,
+    reads numbers that overflow (1e999 as inf) and strings holding lone UTF-16 surrogates ("\\ud800"), and raises
+    RecursionError or a bare ValueError on deep nesting or huge integers; `decode` says what is wrong instead.
+    """
+
+    def __init__(self):
+        self._problems: list[str] = []
+        self._decoder = json.JSONDecoder(
+            object_pairs_hook=self._object,
+            parse_constant=self._constant,
+            parse_int=self._int,
+            parse_float=self._float,
+        )
+
+    def decode(self, text: str, position: int = 0) -> tuple[Any, int | None, str | None]:
+        """(value, end, None), or (value, end, what is wrong) for JSON that parses but is refused, or (None, None,
+        what is wrong) when parsing had to stop (nesting too deep). Syntax errors raise json.JSONDecodeError."""
+        self._problems = []
+        try:
+            value, end = self._decoder.raw_decode(text, position)
+        except RecursionError:
+            return None, None, f"nested deeper than {MAX_JSON_DEPTH} levels"
+        return value, end, self._problems[0] if self._problems else json_value_problem(value)
+
+    def loads(self, text: str) -> tuple[Any, str | None]:
+        """json.loads: (value, None) or (None, what is wrong); syntax errors raise json.JSONDecodeError."""
+        value, end, problem = self.decode(text, _JSON_SPACE.match(text).end())
+        if end is not None and _JSON_SPACE.match(text, end).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
+        return (None, problem) if problem else (value, None)
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict:
+        value = dict(pairs)
+        if len(value) != len(pairs):
+            seen = set()
+            twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+            self._problems.append(f"has the key {json.dumps(twice, ensure_ascii=False)} twice in one object")
+        return value
+
+    def _constant(self, name: str) -> None:
+        self._problems.append(f"holds {name}, which is not JSON; write null or a number")
+
+    def _int(self, digits: str) -> int:
+        try:
+            return int(digits)
+        except ValueError:
+            self._problems.append(f"holds an integer of {len(digits.lstrip('-'))} digits, too long to read")
+            return 0
+
+    def _float(self, digits: str) -> float:
+        value = float(digits)
+        if not math.isfinite(value):
+            self._problems.append(f"holds the number {digits[:40]}, which is out of range")
+        return value
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def json_value_problem(value: Any) -> str | None:
+    """What keeps a parsed value from being trained as text: nesting deeper than MAX_JSON_DEPTH, or a string (or key)
+    with a lone UTF-16 surrogate, which has no UTF-8 form; None when there is nothing."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if surrogate := _LONE_SURROGATE.search(item):
+                return (
+                    f"holds a lone UTF-16 surrogate (\\u{ord(surrogate.group()):04x}), which is not text; write the "
+                    "character itself or its surrogate pair"
+                )
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                return f"nested deeper than {MAX_JSON_DEPTH} levels"
+            items = [*item, *item.values()] if isinstance(item, dict) else item
+            stack += [(child, depth + 1) for child in items]
+    return None
+
+
+def loads_json(text: str) -> tuple[Any, str | None]:
+    """A JSON text (tools or arguments written as a string) as a value, or (None, what is wrong)."""
+    try:
+        return StrictJSON().loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"is not valid JSON ({error.msg} at character {error.pos})"
 
 
 def canonical_tool(definition: Any) -> tuple[dict | None, str | None]:
@@ -47,19 +141,24 @@ def canonical_tool(definition: Any) -> tuple[dict | None, str | None]:
 
 
 def canonical_tools(value: Any, where: str = '"tools"') -> tuple[list[dict], list[str]]:
-    """`tools` of a row (a list, or a JSON string holding one, as ShareGPT writes it): canonical tools, problems.
+    """`tools` of a row (a list, or a JSON string holding one, as ShareGPT writes it; items may be JSON strings too):
+    canonical tools, problems.
 
     `where` names the value in the problems.
     """
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            return [], [f"{where} is a string that is not valid JSON ({error.msg} at character {error.pos})"]
+        value, problem = loads_json(value)
+        if problem:
+            return [], [f"{where} is a string that {problem}"]
     if not isinstance(value, list):
         return [], [f"{where} is of type {json_type_name(value)}; expected a list of function definitions"]
     tools, problems = [], []
     for number, definition in enumerate(value, 1):
+        if isinstance(definition, str):  # ChatGLM3 data may write each definition as a JSON string
+            definition, problem = loads_json(definition)
+            if problem:
+                problems.append(f"{where} item {number} is a string that {problem}")
+                continue
         tool, problem = canonical_tool(definition)
         if problem:
             problems.append(f"{where} item {number} {problem}")
@@ -82,10 +181,11 @@ def is_function_name(name: str) -> bool:
 def parse_arguments(value: Any) -> tuple[dict | None, str | None]:
     """Call arguments as a dict, from a dict or a JSON string holding an object; or (None, what is wrong)."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            return None, f"are not valid JSON ({error.msg} at character {error.pos})"
+        value, problem = loads_json(value)
+        if problem:
+            return None, problem.replace("is not", "are not", 1) if problem.startswith(
+                "is not"
+            ) else f"are refused: the JSON {problem}"
     if not isinstance(value, dict):
         return None, f"are of type {json_type_name(value)}; expected a JSON object"
     return value, None
@@ -122,6 +222,19 @@ def parse_reply(text: str, family: str) -> dict | str:
     return "\n".join(part.partition("\n")[2] if "\n" in part else part for part in parts).strip()
 
 
+def is_python_call(content: Any) -> bool:
+    """ChatGLM3's form of a call's body: a fenced python block, or a bare tool_call(...)."""
+    return isinstance(content, str) and content.strip().startswith(("```", "tool_call("))
+
+
+def python_call_arguments(name: str, content: str) -> tuple[dict | None, str | None]:
+    """The arguments of ChatGLM3's ```python\ntool_call(key=value, ...)\n``` block, or (None, what is wrong)."""
+    try:
+        return _python_call_arguments(name, content), None
+    except MalformedCall as error:
+        return None, str(error)
+
+
 def _python_call_arguments(name: str, content: str) -> dict:
     """The keyword arguments of ChatGLM3's ```python\\ntool_call(key=value, ...)\\n``` block, as Python literals."""
     code = content.strip()
@@ -132,6 +245,8 @@ def _python_call_arguments(name: str, content: str) -> dict:
         expression = ast.parse(code.strip(), mode="eval").body
     except SyntaxError as error:
         raise MalformedCall(f"the call to {name} is not Python ({error.msg}): {content.strip()[:200]}") from None
+    except (RecursionError, MemoryError):
+        raise MalformedCall(f"the call to {name} is nested too deeply to read: {content.strip()[:200]}") from None
     if not (isinstance(expression, ast.Call) and isinstance(expression.func, ast.Name) and not expression.args):
         raise MalformedCall(f"the call to {name} is not tool_call(key=value, ...): {content.strip()[:200]}")
     arguments = {}
@@ -140,7 +255,7 @@ def _python_call_arguments(name: str, content: str) -> dict:
             raise MalformedCall(f"the call to {name} uses **: {content.strip()[:200]}")
         try:
             arguments[keyword.arg] = ast.literal_eval(keyword.value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             raise MalformedCall(
                 f"the call to {name} passes {keyword.arg}= something that is not a literal: {content.strip()[:200]}"
             ) from None

@@ -1,4 +1,9 @@
-"""Shared fixtures: offline mode, a private cache for the built-in models, the tiny tokenizers, a script runner."""
+"""Shared fixtures: offline mode, a private cache for the built-in models, the tiny tokenizers, a script runner.
+
+Tiers: `python -m pytest -q` runs the fast tier (in-process, no training run in a subprocess); the full suite,
+which CI runs, is `python -m pytest -q -m "slow or not slow"`. A test is slow when it is marked so or uses one of
+the fixtures below that train a model as a user would (SLOW_FIXTURES).
+"""
 
 import json
 import os
@@ -16,6 +21,26 @@ os.environ.setdefault("GLM_SFT_CACHE", str(REPO / ".pytest_cache" / "glm_sft"))
 # Recipes report to SwanLab; tests leave it off (and unimported) unless they test it (tests/test_tracking.py).
 os.environ.setdefault("SWANLAB_MODE", "disabled")
 sys.path.insert(0, str(REPO))
+
+# Fixtures that train a model in a subprocess (module-scoped: shared by the tests of their module).
+SLOW_FIXTURES = {
+    "demo_run",
+    "demo_evaluation",
+    "method_run",
+    "tool_run",
+    "tracked_run",
+    "runs",
+    "lora_export",
+    "full_run",
+    "uninterrupted",
+    "interrupted_then_resumed",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +80,19 @@ def run_script(*args, cwd=REPO, timeout=600, input=None, env=None):
     )
 
 
+def run_main(main, *args, capfd):
+    """A script's main(argv) in this process, as `python script.py ARGS` would run it: a CompletedProcess with its
+    exit code and what it printed (captured at the file descriptors, so library output counts too)."""
+    capfd.readouterr()
+    try:
+        main([*map(str, args)])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 _demo_runs = {}
 
 
@@ -89,3 +127,23 @@ def build_run(argv):
     from glm_sft.run import build_run as build
 
     return build(parse_recipe(argv))
+
+
+def assert_serves_the_trained_weights(flag: str, output_dir, base_name: str, prompt: str = "你是谁？") -> str:
+    """chat_cli's loading path (--adapter or --model) gives the trained model, not its base: the logits differ from
+    the untrained base model's, and it answers. Returns the greedy reply."""
+    import torch
+
+    from glm_sft.inference import load_chat_model
+    from glm_sft.loading import load_model
+
+    chat = load_chat_model(**{flag.removeprefix("--"): str(output_dir)})
+    messages = [{"role": "user", "content": prompt}]
+    ids = torch.tensor([chat.prompt_ids(messages)[0]])
+    with torch.no_grad():
+        trained = chat.model(input_ids=ids).logits.float()
+        base = load_model(base_name, dtype=torch.float32)(input_ids=ids).logits
+    assert (trained - base).abs().max() > 1e-4, f"{output_dir} gives the logits of its untrained base {base_name}"
+    reply = chat.reply(messages, max_new_tokens=6)
+    assert reply.strip(), f"{output_dir} loads but answers nothing"
+    return reply

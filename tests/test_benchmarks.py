@@ -3,11 +3,13 @@
 import json
 import math
 
+import pytest
 from conftest import run_script
 
 FIGURES = ("real_tokens_per_s", "trained_tokens_per_s", "padding_ratio", "peak_memory_mb", "final_loss")
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_arms_consume_the_same_rows(tmp_path):
     output = tmp_path / "bench.json"
     result = run_script(

@@ -173,6 +173,7 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(lora_export,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary or set-aside folder left
 
 
+@pytest.mark.slow
 def test_ptuning_adapter_stops_with_a_clear_message(tmp_path_factory, tmp_path):
     adapter = train(tmp_path_factory, "ptuning", "--finetuning_type", "ptuning", "--pre_seq_len", "4")
     result = run_script("export.py", adapter, "--out-dir", tmp_path / "merged")
@@ -223,6 +224,7 @@ def test_full_result_and_checkpoint_export_without_trainer_files(full_run, which
     assert (got - want).abs().max() <= 1e-4 and (base - want).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_qlora_adapter_is_merged_into_the_full_precision_base(tmp_path_factory, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

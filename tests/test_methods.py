@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import chat_once, run_script
+from conftest import assert_serves_the_trained_weights, chat_once, run_main, run_script
 from safetensors.torch import load_file
 from test_train import logged_losses, trainable_and_total
 
@@ -82,7 +82,11 @@ def test_method_changes_only_its_parameters(method_run, base_weights):
 def test_result_of_every_method_loads_in_chat_cli(method_run):
     method, output_dir, _ = method_run
     flag = "--model" if method in ("full", "freeze") else "--adapter"
-    assert chat_once(flag, output_dir, "--prompt", "你是谁？", "--temperature", "0", "--max_new_tokens", "6").strip()
+    reply = assert_serves_the_trained_weights(flag, output_dir, "builtin:tiny-glm4")
+    assert (
+        chat_once(flag, output_dir, "--prompt", "你是谁？", "--temperature", "0", "--max_new_tokens", "6")
+        == f"{reply}\n"
+    )
 
 
 def test_dora_and_rslora_switches_reach_peft():
@@ -120,12 +124,16 @@ def test_dora_and_rslora_switches_reach_peft():
         (["--finetuning_type", "prompt"], "finetuning_type 'prompt' is unknown"),
     ],
 )
-def test_a_method_that_cannot_work_stops_before_loading_weights(tmp_path, overrides, message):
-    result = run_script("train.py", "--config", "recipes/demo.yaml", "--output_dir", tmp_path / "out", *overrides)
+def test_a_method_that_cannot_work_stops_before_loading_weights(tmp_path, overrides, message, capfd):
+    import train
+
+    argv = ["--config", "recipes/demo.yaml", "--output_dir", tmp_path / "out", *overrides]
+    result = run_main(train.main, *argv, capfd=capfd)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert "rows read" not in result.stderr  # stopped before even reading the data
 
 
+@pytest.mark.slow
 def test_adapter_with_a_different_base_is_refused(tmp_path):
     output_dir = tmp_path / "out"
     trained = run_script("train.py", "--config", "recipes/demo.yaml", "--max_steps", "1", "--output_dir", output_dir)

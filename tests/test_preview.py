@@ -5,7 +5,7 @@ import io
 import json
 
 import torch
-from conftest import REPO, build_run, run_script
+from conftest import REPO, build_run, run_main
 
 from glm_sft import preview
 from glm_sft.template import IGNORE_INDEX
@@ -47,24 +47,21 @@ def test_preview_json_matches_the_trainers_dataset_and_batches(tmp_path, monkeyp
     assert first["source"] == "data/self_cognition.jsonl:1"
 
 
-def test_preview_marks_trained_spans_and_follows_overrides():
-    result = run_script(
-        "-m",
-        "glm_sft.preview",
-        "--config",
-        "recipes/demo.yaml",
-        "--n",
-        "1",
-        "--dataset_name",
-        "data/multi_turn.jsonl",
-        "--last_turn_only",
-        "true",
-    )
+def test_preview_marks_trained_spans_and_follows_overrides(capfd):
+    argv = ["--config", "recipes/demo.yaml", "--n", "1", "--dataset_name", "data/multi_turn.jsonl"]
+    result = run_main(preview.main, *argv, "--last_turn_only", "true", capfd=capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("--- data/multi_turn.jsonl:1 (glm4 format,")
     body = "\n".join(lines[1:])
     assert body.count("⟦") == 1 and body.endswith("<|user|>⟧")  # only the last assistant turn is trained
+
+
+def test_preview_help_and_bad_flags_use_the_recipe_parser(capfd):
+    result = run_main(preview.main, "--help", capfd=capfd)
+    assert result.returncode == 0 and "--n N" in result.stdout and "--lora_rank" in result.stdout
+    result = run_main(preview.main, "--config", "recipes/demo.yaml", "--nn", "2", capfd=capfd)
+    assert result.returncode == 1 and "unknown option --nn (did you mean --n?)" in result.stderr
 
 
 def test_preview_json_all_turns_trains_every_assistant_turn():

@@ -1,7 +1,7 @@
 """Every recipe parses, and the GPU recipes run on the tiny model of their family."""
 
 import pytest
-from conftest import REPO, chat_once
+from conftest import REPO, assert_serves_the_trained_weights
 
 from glm_sft.arguments import parse_recipe
 
@@ -31,6 +31,7 @@ GPU_RECIPES = [path for path in RECIPES if not path.stem.startswith("demo")]  # 
 
 
 @pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda path: path.name)
+@pytest.mark.slow
 def test_gpu_recipe_runs_two_steps_on_the_tiny_model(recipe, tmp_path, capfd, monkeypatch):
     """In this process (train.main, as `python train.py` calls it), to spare eight interpreter start-ups."""
     import train
@@ -42,4 +43,4 @@ def test_gpu_recipe_runs_two_steps_on_the_tiny_model(recipe, tmp_path, capfd, mo
     captured = capfd.readouterr()
     assert "eval_loss" in captured.out + captured.err  # val_size held rows out and they were evaluated
     flag = "--model" if (output_dir / "config.json").exists() else "--adapter"  # full fine-tunes save a whole model
-    assert chat_once(flag, output_dir, "--prompt", "你好", "--temperature", "0", "--max_new_tokens", "4").strip()
+    assert_serves_the_trained_weights(flag, output_dir, TINY_MODEL[recipe.stem[:4]], prompt="你好")

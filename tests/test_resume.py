@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_main, run_script
 
 from glm_sft import UserError
 from glm_sft import checkpoints as checkpoints_module
@@ -185,9 +185,12 @@ def test_resume_true_without_checkpoints_starts_fresh_and_a_bad_path_is_refused(
     assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-2"), tmp_path) == str(tmp_path / "checkpoint-2")
 
 
-def test_a_missing_checkpoint_path_is_one_clear_error(tmp_path):
+def test_a_missing_checkpoint_path_is_one_clear_error(tmp_path, capfd):
+    import train
+
     missing = tmp_path / "out" / "checkpoint-7"
-    result = run_script("train.py", *SHORT_RUN, "--output_dir", tmp_path / "out", "--resume_from_checkpoint", missing)
+    argv = [*SHORT_RUN, "--output_dir", tmp_path / "out", "--resume_from_checkpoint", missing]
+    result = run_main(train.main, *argv, capfd=capfd)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

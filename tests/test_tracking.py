@@ -15,6 +15,7 @@ from conftest import run_script
 from glm_sft import UserError
 from glm_sft.callbacks import SampleGeneration, preserved_training_state, sample_prompts
 from glm_sft.data import read_conversations
+from glm_sft.metrics import score_replies
 from glm_sft.tracking import resolve_swanlab_mode
 
 # Imported first by every Python started with this folder on PYTHONPATH: records and refuses network connections.
@@ -129,8 +130,11 @@ def test_loss_plot_and_eval_loss_every_eval_steps(tracked_run):
 def test_do_predict_scores_the_eval_split(tracked_run):
     _, output_dir, result = tracked_run
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert metrics["count"] == EVAL_ROWS and 0 <= metrics["rouge-l"] <= 100
-    assert len((output_dir / "predictions.jsonl").read_text().splitlines()) == EVAL_ROWS
+    predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["count"] == len(predictions) == EVAL_ROWS
+    # The scores are those of the replies written beside them.
+    rescored = score_replies([row["reply"] for row in predictions], [row["reference"] for row in predictions])
+    assert metrics == rescored
     assert f"do_predict on {EVAL_ROWS} eval rows" in result.stdout
 
 

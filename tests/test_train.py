@@ -94,6 +94,7 @@ def test_rerun_into_a_finished_output_dir_is_refused(demo_run):
     assert (output_dir / "adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_saves_a_model_chat_cli_loads(tmp_path):
     output_dir = tmp_path / "full"
     result = run_script(
