@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from glm_sft import exit_on_user_error
-from glm_sft.inference import add_model_arguments, load_from_arguments
+from glm_sft.inference import add_model_arguments, add_tool_arguments, check_model_arguments, load_from_arguments
 from glm_sft.tools import ToolSession
 
 
@@ -27,15 +27,9 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding (default 0.8)")
     parser.add_argument("--top_p", "--top-p", type=float, default=0.8)
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=512)
-    parser.add_argument("--tools", help="JSON file with the function definitions the model may call (a list)")
-    parser.add_argument("--tool_results", "--tool-results", help="JSON file {function name: result} for the calls")
+    add_tool_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.model and not args.adapter:
-        parser.error("give --model DIR, --adapter DIR, or both")
-    if args.temperature < 0:
-        parser.error("--temperature must be 0 (greedy) or positive")
-    if args.tool_results and not args.tools:
-        parser.error("--tool_results needs --tools")
+    check_model_arguments(parser, args)
     return args
 
 

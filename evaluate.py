@@ -13,7 +13,7 @@ import sys
 from glm_sft import exit_on_user_error
 from glm_sft.data import read_conversations
 from glm_sft.evaluation import predict
-from glm_sft.inference import add_model_arguments, load_from_arguments
+from glm_sft.inference import add_model_arguments, check_model_arguments, load_from_arguments
 from glm_sft.loading import read_run_recipe
 
 
@@ -42,8 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--assistant_name", "--assistant-name", help="fills {{name}} in self-cognition data")
     parser.add_argument("--assistant_author", "--assistant-author", help="fills {{author}} in self-cognition data")
     args = parser.parse_args(argv)
-    if not args.model and not args.adapter:
-        parser.error("give --model DIR, --adapter DIR, or both")
+    check_model_arguments(parser, args)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         parser.error("--max_new_tokens and --batch_size must be at least 1")
     return args

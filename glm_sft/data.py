@@ -591,13 +591,20 @@ def _has_value(value: Any) -> bool:
     return value is not None
 
 
+def _list_in(row: dict, key: str, row_format: str, expected: str) -> tuple[list | None, list[_Turn], list[str]]:
+    """(row[key], the row's system turn, no problem) when row[key] is a list, else (None, [], the problem)."""
+    value = row.get(key)
+    if value is None:
+        return None, [], [f'{row_format} row has no "{key}" list']
+    if not isinstance(value, list):
+        return None, [], [f'"{key}" is of type {json_type_name(value)}; expected {expected}']
+    return value, _system_turn(row), []
+
+
 def _turns_from_sharegpt(row: dict) -> tuple[list[_Turn], list[str]]:
-    messages = row.get("conversations")
+    messages, turns, problems = _list_in(row, "conversations", "sharegpt", "a list of messages")
     if messages is None:
-        return [], ['sharegpt row has no "conversations" list']
-    if not isinstance(messages, list):
-        return [], [f'"conversations" is of type {json_type_name(messages)}; expected a list of messages']
-    turns, problems = _system_turn(row), []
+        return [], problems
     for number, message in enumerate(messages, 1):
         speaker = message.get("from") if isinstance(message, dict) else None
         role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
@@ -687,12 +694,9 @@ def _turns_from_alpaca(row: dict) -> tuple[list[_Turn], list[str]]:
 
 
 def _turns_from_firefly(row: dict) -> tuple[list[_Turn], list[str]]:
-    exchanges = row.get("conversation")
+    exchanges, turns, problems = _list_in(row, "conversation", "firefly", "a list of human/assistant turns")
     if exchanges is None:
-        return [], ['firefly row has no "conversation" list']
-    if not isinstance(exchanges, list):
-        return [], [f'"conversation" is of type {json_type_name(exchanges)}; expected a list of human/assistant turns']
-    turns, problems = _system_turn(row), []
+        return [], problems
     for number, exchange in enumerate(exchanges, 1):
         if not isinstance(exchange, dict):
             problems.append(

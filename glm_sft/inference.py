@@ -295,5 +295,25 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
 
 
+def add_tool_arguments(parser) -> None:
+    """--tools/--tool_results for the scripts that let a model call functions (chat_cli, webchat)."""
+    parser.add_argument("--tools", help="JSON file with the function definitions the model may call (a list)")
+    parser.add_argument("--tool_results", "--tool-results", help="JSON file {function name: result} for the calls")
+
+
+def check_model_arguments(parser, args) -> None:
+    """The checks of add_model_arguments' flags and, where a script has them, of the generation and tool flags."""
+    if not args.model and not args.adapter:
+        parser.error("give --model DIR, --adapter DIR, or both")
+    if getattr(args, "tool_results", None) and not getattr(args, "tools", None):
+        parser.error("--tool_results needs --tools")
+    if getattr(args, "max_new_tokens", 1) < 1:
+        parser.error("--max_new_tokens must be at least 1")
+    if not 0 <= getattr(args, "temperature", 0) <= 2:
+        parser.error("--temperature must be between 0 (greedy) and 2")
+    if not 0 < getattr(args, "top_p", 1) <= 1:
+        parser.error("--top_p must be above 0 and at most 1")
+
+
 def load_from_arguments(args) -> ChatModel:
     return load_chat_model(args.model, args.adapter, template=args.template, trust_remote_code=args.trust_remote_code)

@@ -279,6 +279,17 @@ def json_type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def call_or_text(chat, messages: list[dict], tools: list[dict], **settings) -> dict | str:
+    """The model's next reply with `tools` offered: a call {"name", "arguments"} or text. A call whose arguments
+    cannot be read is given back as the text the model wrote, with a warning."""
+    raw = chat.raw_reply(messages, tools=tools, **settings)
+    try:
+        return parse_reply(raw, chat.family)
+    except MalformedCall as error:
+        print(f"warning: {error}", file=sys.stderr)
+        return raw.strip()
+
+
 class ToolSession:
     """The tools a chat model may call, and where call results come from: a results file, or the person at the
     prompt (`ask`). chat_cli answers a turn with it: each call printed as JSON, its result fed back, until text."""
@@ -307,12 +318,7 @@ class ToolSession:
     def answer(self, chat, messages: list[dict], ask=input, **settings) -> str:
         """Generate until the model replies in text; each call is printed as one JSON line and answered."""
         for _ in range(self.MAX_CALLS_PER_TURN):
-            raw = chat.raw_reply(messages, tools=self.tools, **settings)
-            try:
-                reply = parse_reply(raw, chat.family)
-            except MalformedCall as error:
-                print(f"warning: {error}", file=sys.stderr)
-                reply = raw.strip()
+            reply = call_or_text(chat, messages, self.tools, **settings)
             if isinstance(reply, str):
                 messages.append({"role": "assistant", "content": reply})
                 return reply
