@@ -1,6 +1,6 @@
 """Fine-tune a GLM chat model (ChatGLM3-6B, GLM-4-9B, the built-in tiny models) from a recipe.
 
-python train.py --config recipes/demo.yaml                 # tiny built-in model, CPU, about a minute
+python train.py --config recipes/demo.yaml                 # tiny built-in model, CPU, about 30 s
 python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any recipe key can be overridden
 accelerate launch --config_file configs/zero2.yaml train.py --config recipes/glm4_lora.yaml
 

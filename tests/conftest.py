@@ -108,6 +108,19 @@ def trained_demo(tmp_path_factory, model_name: str = "builtin:tiny-glm4"):
     return _demo_runs[model_name]
 
 
+def trained_tools_demo(tmp_path_factory):
+    """output_dir of recipes/demo_tools.yaml (the tiny GLM-4 model learns its tool calls), trained as a user would,
+    once in a session (tests/test_tools.py and tests/test_serve.py share it)."""
+    if "tools" not in _demo_runs:
+        output_dir = tmp_path_factory.mktemp("tools") / "out"
+        result = run_script(
+            "train.py", "--config", "recipes/demo_tools.yaml", "--output_dir", output_dir, timeout=1800
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        _demo_runs["tools"] = output_dir, result
+    return _demo_runs["tools"][0]
+
+
 def chat_once(*args) -> str:
     """chat_cli.py's one-shot answer, in this process (saves the start-up of a new interpreter)."""
     import contextlib

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import REPO, chat_once, run_script, trained_demo
+from conftest import REPO, chat_once, trained_demo, trained_tools_demo
 
 import serve
 from glm_sft.inference import load_chat_model
@@ -322,9 +322,7 @@ def demo_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
     """(base URL, adapter directory): recipes/demo_tools.yaml trained as a user would, served behind an API key."""
-    output_dir = tmp_path_factory.mktemp("tools") / "out"
-    result = run_script("train.py", "--config", "recipes/demo_tools.yaml", "--output_dir", output_dir, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
+    output_dir = trained_tools_demo(tmp_path_factory)
     log_path = tmp_path_factory.mktemp("serve") / "tools.log"
     process, log, url = start_server(log_path, "--adapter", output_dir, "--api_key", "sk-tools")
     yield url, output_dir

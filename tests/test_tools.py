@@ -489,12 +489,9 @@ def test_chat_cli_rejects_a_bad_tools_file_before_loading_a_model(tmp_path, caps
 @pytest.fixture(scope="module")
 def tool_run(tmp_path_factory):
     """recipes/demo_tools.yaml, run as a user would: the tiny GLM-4 model on data/tool_calls.jsonl."""
-    from conftest import run_script
+    from conftest import trained_tools_demo
 
-    output_dir = tmp_path_factory.mktemp("tools") / "out"
-    result = run_script("train.py", "--config", "recipes/demo_tools.yaml", "--output_dir", output_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+    return trained_tools_demo(tmp_path_factory)
 
 
 @pytest.mark.parametrize(
