@@ -160,3 +160,27 @@ def assert_serves_the_trained_weights(flag: str, output_dir, base_name: str, pro
     reply = chat.reply(messages, max_new_tokens=6)
     assert reply.strip(), f"{output_dir} loads but answers nothing"
     return reply
+
+
+def mount_tmpfs(mount_point, options: str):
+    """A real tmpfs at mount_point (e.g. "ro,size=64k": read-only; "size=256k": a small disk); skips the test where
+    this sandbox cannot mount. Root can write into a chmod'ed folder, not into a read-only or full file system."""
+    mount_point.mkdir(parents=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+    return mount_point
+
+
+def stop_process(process, log=None) -> None:
+    """End a server a test started: SIGTERM, SIGKILL after 30 s; then close its log."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if log is not None:
+        log.close()

@@ -7,21 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, mount_tmpfs
 
 import export
 
 SOURCE_FILES = ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json", "tokenizer.json")
-
-
-def mount_tmpfs(mount_point, options):
-    mount_point.mkdir(parents=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
-    return mount_point
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_main
+from conftest import REPO, mount_tmpfs, run_main
 
 from glm_sft import UserError
 from glm_sft import checkpoints as checkpoints_module
@@ -33,16 +33,6 @@ SHORT = [*TINY, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", 
 def one_cpu_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(REPO)
-
-
-def mount_tmpfs(mount_point: Path, options: str) -> Path:
-    mount_point.mkdir(parents=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
-    return mount_point
 
 
 @pytest.fixture

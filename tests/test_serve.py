@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import REPO, chat_once, trained_demo, trained_tools_demo
+from conftest import REPO, chat_once, stop_process, trained_demo, trained_tools_demo
 
 import serve
 from glm_sft.inference import load_chat_model
@@ -301,13 +301,7 @@ def start_server(log_path, *args):
 
 
 def stop_server(process, log):
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log.close()
+    stop_process(process, log)
 
 
 @pytest.fixture(scope="module")

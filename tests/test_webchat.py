@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, chat_once, trained_demo
+from conftest import REPO, chat_once, stop_process, trained_demo
 
 import webchat
 from glm_sft.inference import load_chat_model
@@ -153,13 +153,7 @@ def demo_page(tmp_path_factory):
         assert url, f"webchat.py did not start:\n{log_path.read_text(encoding='utf-8')[-3000:]}"
         yield url, output_dir
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        stop_process(process, log)
 
 
 @pytest.fixture(scope="module")
