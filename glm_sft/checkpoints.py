@@ -310,18 +310,6 @@ class GracefulStop(TrainerCallback):
             except OSError:
                 pass
 
-    def _requested_anywhere(self, args) -> bool:
-        requested = self.signal_number is not None
-        if args.world_size > 1:
-            import torch
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                flag = torch.tensor([1.0 if requested else 0.0], device=args.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                requested = flag.item() > 0
-        return requested
-
     def report(self, output_dir, max_steps: int, argv: list[str], several_processes: bool) -> str:
         """After a stop: the step, where its checkpoint is, and the command that resumes."""
         saved = Path(output_dir) / f"checkpoint-{self.stopped_at_step}"
@@ -331,7 +319,7 @@ class GracefulStop(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # Every process takes part in the check at every step, so that all of them stop at the same one.
-        if not self._requested_anywhere(args) or self.stopped_at_step is not None:
+        if not true_on_any_process(self.signal_number is not None, args) or self.stopped_at_step is not None:
             return
         if state.global_step >= state.max_steps:
             return  # that was the last step: the run finishes normally
@@ -384,7 +372,7 @@ def save_final_model(trainer, output_dir, write_extra_files, argv=None, several_
     except Exception as error:
         if (failure := storage_error(error)) is None:
             raise
-    if _failed_anywhere(trainer, failure is not None):
+    if true_on_any_process(failure is not None, getattr(trainer, "args", None)):
         _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, failure, argv, several_processes)
     trainer.accelerator.wait_for_everyone()
 
@@ -400,17 +388,18 @@ def storage_error(error: Exception) -> OSError | None:
     return None
 
 
-def _failed_anywhere(trainer, failed: bool) -> bool:
-    """Whether any process failed (every process calls it, so that all of them take the same way)."""
-    if getattr(getattr(trainer, "args", None), "world_size", 1) > 1:
+def true_on_any_process(value: bool, args) -> bool:
+    """Whether `value` is true on any process of the run (`args`: its training arguments, or None for one process).
+    Every process must call it at the same point, so that all of them take the same way."""
+    if getattr(args, "world_size", 1) > 1:
         import torch
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([1.0 if failed else 0.0], device=trainer.args.device)
+            flag = torch.tensor([1.0 if value else 0.0], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return flag.item() > 0
-    return failed
+    return value
 
 
 def folder_size(folder: Path) -> int:
@@ -466,9 +455,9 @@ def _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, fai
                 if is_main:
                     write_extra_files(rescue)
             except Exception as error:
-                if storage_error(error) is None:
+                if (rescue_failure := storage_error(error)) is None:
                     raise
-                raise storage_error(error) from error
+                raise rescue_failure from error
             needed = max(needed, folder_size(rescue))
             kept = (
                 f"the trained model was written to {rescue} instead (all of the final save); move its files into "
