@@ -124,14 +124,14 @@ def staging_prefix(out_dir: Path, kind: str) -> str:
 def clean_stale_staging(out_dir: Path) -> None:
     """Remove what an export into out_dir that was killed left beside it (its process is gone); an old export that
     was set aside for --force and not yet replaced is put back first."""
-    from glm_sft.checkpoints import _process_alive
+    from glm_sft.checkpoints import process_alive
 
     if not out_dir.parent.is_dir():
         return
     for kind in STAGING_KINDS:
         for folder in sorted(out_dir.parent.glob(f".{out_dir.name}.{kind}-*")):
             pid = folder.name.removeprefix(f".{out_dir.name}.{kind}-").split("-")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
                 continue  # an export running now
             set_aside = folder / out_dir.name
             if kind == "old" and set_aside.is_dir() and not out_dir.exists():
@@ -347,7 +347,7 @@ def main(argv=None):
         write_export(staging, model, tokenizer, config, card, args.max_shard_size)
         move_into_place(staging, out_dir)
     except Exception as exception:  # a full disk, a read-only or vanished target: nothing half-written stays
-        from glm_sft.checkpoints import folder_size, human_size, storage_error
+        from glm_sft.checkpoints import folder_size, free_space_note, human_size, storage_error
 
         if (error := storage_error(exception)) is None:
             if staging is not None:
@@ -358,10 +358,7 @@ def main(argv=None):
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         needed = max(written, sum(p.numel() * p.element_size() for p in model.parameters()))
-        try:
-            free = f", {human_size(shutil.disk_usage(out_dir.parent).free)} free there"
-        except OSError:
-            free = ""
+        free = free_space_note(out_dir.parent)
         where = f" ({error.filename})" if error.filename else ""
         raise UserError(
             f"cannot write the export into {out_dir.parent}: {error.strerror or error}{where}; it needs about "

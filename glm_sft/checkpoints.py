@@ -76,7 +76,7 @@ def _lock_owner(lock: Path) -> dict | None:
         return None
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,7 +117,7 @@ def acquire_output_lock(output_dir) -> Path:
                 continue
             if owner["pid"] == me["pid"] and owner.get("host") == me["host"]:
                 break  # ours already
-            if owner.get("host") == me["host"] and not _process_alive(owner["pid"]):
+            if owner.get("host") == me["host"] and not process_alive(owner["pid"]):
                 print(
                     f"warning: {output_dir} was locked by process {owner['pid']}, which is no longer running (stopped "
                     "without cleaning up); taking it over",
@@ -406,6 +406,14 @@ def folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file()) if folder.is_dir() else 0
 
 
+def free_space_note(folder) -> str:
+    """The note `, N GB free there` for the file system of `folder`; empty when that cannot be told."""
+    try:
+        return f", {human_size(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        return ""
+
+
 def human_size(size: int) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
@@ -472,10 +480,7 @@ def _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, fai
                 f"writing it to {rescue} failed too ({error.strerror or error}); {last}; the weights of step {step} "
                 "are lost"
             )
-    try:
-        free = f", {human_size(shutil.disk_usage(output_dir).free)} free there"
-    except OSError:
-        free = ""
+    free = free_space_note(output_dir)
     where = f" ({failure.filename})" if failure is not None and failure.filename else ""
     reason = (failure.strerror or str(failure)) if failure is not None else "it failed on another process"
     raise UserError(
