@@ -184,3 +184,17 @@ def stop_process(process, log=None) -> None:
         process.wait()
     if log is not None:
         log.close()
+
+
+def train_in_process(*argv) -> None:
+    """train.main(argv) in this process, from the repository, on one CPU thread (module fixtures share its result);
+    the run must finish."""
+    import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.chdir(REPO)
+        try:
+            train.main([*map(str, argv)])
+        except SystemExit as stop:
+            assert stop.code in (0, None), f"train.py {' '.join(map(str, argv))} exited with {stop.code}"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, mount_tmpfs
+from conftest import mount_tmpfs, train_in_process
 
 import export
 
@@ -30,14 +30,9 @@ def mounted(tmp_path):
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """A 1-step LoRA run of the demo recipe, trained in this process."""
-    import train
-
     output_dir = tmp_path_factory.mktemp("adapter") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        patch.chdir(REPO)
-        argv = ["--config", "recipes/demo.yaml", "--max_steps", "1", "--report_to", "none", "--sample_count", "0"]
-        train.main([*argv, "--val_size", "5", "--output_dir", str(output_dir)])
+    argv = ["--config", "recipes/demo.yaml", "--max_steps", "1", "--report_to", "none", "--sample_count", "0"]
+    train_in_process(*argv, "--val_size", "5", "--output_dir", output_dir)
     return output_dir
 
 

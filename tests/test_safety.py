@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, mount_tmpfs, run_main
+from conftest import REPO, mount_tmpfs, run_main, train_in_process
 
 from glm_sft import UserError
 from glm_sft import checkpoints as checkpoints_module
@@ -198,16 +198,8 @@ def test_a_stale_lock_is_replaced_with_a_warning_and_removed_at_the_end(tmp_path
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """An uninterrupted 4-step run with checkpoints at steps 2 and 4."""
-    import train
-
     output_dir = tmp_path_factory.mktemp("finished") / "out"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        patch.chdir(REPO)
-        try:
-            train.main([*SHORT, "--output_dir", str(output_dir)])
-        except SystemExit as stop:
-            assert stop.code in (0, None)
+    train_in_process(*SHORT, "--output_dir", output_dir)
     return output_dir
 
 
