@@ -29,6 +29,7 @@ def encode_conversation(
     tools: list[dict] | None = None,
     max_length: int | None = None,
     last_turn_only: bool = False,
+    template_kwargs: dict | None = None,
 ) -> dict:
     """{"input_ids", "labels", "truncated", "length"} for one conversation (see the module's docstring for the labels);
     `length` counts the tokens before truncation.
@@ -37,7 +38,7 @@ def encode_conversation(
     assistant turn is trained. Truncation to `max_length` keeps the start: a reply cut short is trained on the tokens
     that remain, without its end token (the model is not taught to stop where the cut fell).
     """
-    input_ids, mask = encode_chat(tokenizer, messages, tools=tools)
+    input_ids, mask = encode_chat(tokenizer, messages, tools=tools, template_kwargs=template_kwargs)
     labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
     if last_turn_only:
         labels = _last_span_only(labels)
@@ -61,10 +62,12 @@ def encode_chat(
     tools: list[dict] | None = None,
     add_generation_prompt: bool = False,
     close_final_turn: bool = True,
+    template_kwargs: dict | None = None,
 ) -> tuple[list[int], list[int]]:
     """(ids, assistant mask) of a conversation as the template renders it (by default with the final turn closed);
     the mask is 1 on the tokens of the template's `{% generation %}` spans. Control tokens are those the template
-    writes; the same spellings in the conversation's strings are encoded as text. Needs a fast tokenizer."""
+    writes; the same spellings in the conversation's strings are encoded as text. `template_kwargs` are the
+    template's own switches (`enable_thinking`), as apply_chat_template passes them. Needs a fast tokenizer."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     spellings = _control_spellings(tokenizer)
@@ -80,6 +83,7 @@ def encode_chat(
         add_generation_prompt=add_generation_prompt,
         close_final_turn=close_final_turn,
         **tokenizer.special_tokens_map,
+        **(template_kwargs or {}),
     )
     text, spans = rendered[0], spans[0]
     # Pieces between the template's own control tokens; each is encoded alone, as the tokenizer would split it.
