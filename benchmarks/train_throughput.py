@@ -1,16 +1,24 @@
-"""Training throughput of three set-ups on the same rows, seed, LoRA and global batch.
+"""Training throughput of four set-ups on the same rows, seed, LoRA, schedule and global batch.
 
-  naive  every row padded to max_length, every token trained (what most fine-tuning tutorials do), transformers Trainer
-  trl    plain TRL SFTTrainer defaults: each batch padded to its longest row, loss on the assistant tokens
-  ours   glm_sft.run.build_run with recipes/glm4_lora.yaml: padding-free batches, per-row attention, fused LM head
+  naive      every row padded to max_length, every token trained (what most fine-tuning tutorials do), transformers
+             Trainer
+  trl        plain TRL SFTTrainer defaults: each batch padded to its longest row, loss on the assistant tokens
+  trl_tuned  TRL as a user who tunes it writes it: SFTConfig(padding_free=True), the rows of a batch laid end to end
+             with position_ids restarting per row; attention flash_attention_2 when installed on a GPU, else SDPA with
+             the block-causal mask transformers builds from position_ids; TRL's fused LM head
+  ours       glm_sft.run.build_run with recipes/glm4_lora.yaml: padding-free batches, per-row attention (sdpa_varlen:
+             SDPA on each row's own span), fused LM head
 
 Each arm runs in a fresh Python process, the arms interleaved (repeat r starts with a different arm), so no arm
 inherits another's warm caches or allocator state. All arms read the same rows with our readers and templates; the
-trl arm gets our labels, the naive arm labels every real token.
+trl arms get our labels, the naive arm labels every real token. Before training, each arm's batch layout is checked:
+the logits of the first rows in one collated batch against each row run alone (`isolation`: do rows attend to each
+other?).
 
 python benchmarks/train_throughput.py                                 # CPU configuration, a few minutes on 2 cores
 python benchmarks/train_throughput.py --output bench.json --repeats 3
 python benchmarks/train_throughput.py --model glm4-9b --max_length 2048 --batch_size 8 --rows 256   # one GPU, bf16
+python benchmarks/gpu_throughput.py                                   # every GPU table of docs/benchmarks.md
 
 Models have random weights built from a config (no download): `tiny` is the GLM architecture at hidden 256, the
 GPU configurations are GLM-4-9B's and ChatGLM3-6B's real shapes. The text goes through the built-in tiny tokenizer
@@ -20,7 +28,8 @@ Figures per arm: real_tokens_per_s (non-padding tokens through the model per sec
 (tokens with a loss), padding_ratio (padding positions / all positions), peak_memory_mb (RSS on CPU; allocated and
 reserved on GPU), mfu (GPU: model FLOPs of the real tokens, LoRA ~4N per token plus causal attention, over the
 GPU's dense bf16 peak), final_loss (mean loss per answer token on a fixed held-out set, after the arm has trained on
-the same rows as the others) and the ratios of these to the trl arm.
+the same rows as the others) and the ratios of these to the trl, trl_tuned and naive arms (vs_trl, vs_trl_tuned,
+vs_naive).
 """
 
 import argparse
@@ -36,7 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ARMS = ("naive", "trl", "ours")
+ARMS = ("naive", "trl", "trl_tuned", "ours")
+REFERENCES = ("trl_tuned", "trl", "naive")  # the ratios of every arm to these
 # The bundled samples, then the length-skewed set; --rows (plus the held-out rows) are taken from the front.
 DATA = "data/alpaca_zh_demo.json,data/multi_turn.jsonl,data/length_skewed.json"
 HELD_OUT_ROWS = 32
@@ -64,7 +74,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "R
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma list among naive, trl, ours")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list among {', '.join(ARMS)}")
     parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="model shape (random weights)")
     parser.add_argument("--rows", type=int, default=256, help="training rows each arm consumes (one epoch)")
     parser.add_argument("--max_length", type=int, default=1024)
@@ -73,6 +83,7 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_checkpointing", choices=("true", "false"), default="true")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each arm (interleaved); medians reported")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
+    parser.add_argument("--kernels", choices=("true", "false"), default="false", help="ours: glm_sft.kernels on a GPU")
     parser.add_argument("--output", help="also write the figures to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one arm and write its figures
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -113,6 +124,7 @@ def recipe_argv(args, output_dir: str) -> list[str]:
         "--sample_count", "0",
         "--dataloader_pin_memory", str(on_gpu).lower(),
         "--disable_tqdm", "true",
+        "--kernels", getattr(args, "kernels", "false"),
     ]  # fmt: skip
 
 
@@ -275,12 +287,22 @@ def run_arm(args, work: str) -> dict:
             disable_tqdm=True,
             dataloader_pin_memory=training_args.dataloader_pin_memory,
         )
-        if args.worker == "trl":
+        if args.worker in ("trl", "trl_tuned"):
             from trl import SFTConfig, SFTTrainer
 
+            tuned = {}
+            if args.worker == "trl_tuned":
+                # TRL's padding-free batches; its docs ask for a flash-attention implementation, which needs CUDA.
+                # Elsewhere SDPA, whose mask transformers builds block-causal from the restarting position_ids.
+                from transformers.utils import is_flash_attn_2_available
+
+                attention = "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
+                model.set_attn_implementation(attention)
+                tuned = dict(padding_free=True, max_length=None)
+            # Our rows come cut to max_length; TRL wants max_length=None for padding-free rows without packing.
             trainer = SFTTrainer(
                 model=model,
-                args=SFTConfig(max_length=args.max_length, **common),
+                args=SFTConfig(**{"max_length": args.max_length, **tuned}, **common),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
                 peft_config=build_peft_config(model_args),
@@ -299,6 +321,7 @@ def run_arm(args, work: str) -> dict:
                 data_collator=default_data_collator,
             )
 
+    isolation = row_isolation(trainer, device)
     counter, clock = CountingCollator(trainer.data_collator), StepClock()
     trainer.data_collator = counter
     trainer.add_callback(clock.callback)
@@ -337,7 +360,59 @@ def run_arm(args, work: str) -> dict:
 
         figures["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     figures["final_loss"] = held_out_loss(trainer.model, list(eval_dataset), device)
+    figures["isolation"] = isolation
+    figures["attention"] = trainer.model.config._attn_implementation
+    figures["kernels"] = kernels_in_place(trainer.model)
     return figures
+
+
+ISOLATION_ROWS = 4
+
+
+def row_isolation(trainer, device) -> dict:
+    """Do the rows of one collated training batch attend to each other? The first rows of the training set, collated
+    as the arm's trainer collates them, run through the model (dropout off) and compared, position by position, with
+    each row run alone. A difference beyond float noise means a row saw another."""
+    import torch
+
+    model = trainer.model
+    examples = [trainer.train_dataset[index] for index in range(min(ISOLATION_ROWS, len(trainer.train_dataset)))]
+    batch = trainer.data_collator(examples)
+    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    batch.pop("labels", None)
+    was_training = model.training
+    model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        together = model(**batch).logits.float()
+        offset = 0
+        for row, example in enumerate(examples):
+            ids = example["input_ids"]
+            length = int(sum(example["attention_mask"])) if "attention_mask" in example else len(ids)
+            alone = model(input_ids=torch.tensor([ids[:length]], device=device)).logits.float()[0]
+            if together.shape[0] == 1:  # padding-free: the rows end to end in one sequence
+                mine = together[0, offset : offset + length]
+                offset += length
+            else:
+                mine = together[row, :length]
+            worst = max(worst, (mine - alone).abs().max().item())
+    model.train(was_training)
+    tolerance = 1e-3 if together.dtype == torch.float32 and model.dtype == torch.float32 else 5e-2
+    return {
+        "rows": len(examples),
+        "layout": "padding-free (one sequence)" if together.shape[0] == 1 else "padded",
+        "max_logit_difference": worst,
+        "rows_attend_to_each_other": worst > tolerance,
+    }
+
+
+def kernels_in_place(model) -> list[str]:
+    """The names of glm_sft.kernels' replacements found on the model (none on the CPU)."""
+    try:
+        from glm_sft.kernels import kernels_on_model
+    except ImportError:
+        return []
+    return kernels_on_model(model)
 
 
 def model_flops_utilization(model, row_lengths, seconds) -> float | None:
@@ -367,7 +442,7 @@ def run_all(args) -> dict:
     passthrough = [
         "--model", args.model, "--rows", str(args.rows), "--max_length", str(args.max_length),
         "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
-        "--gradient_checkpointing", args.gradient_checkpointing,
+        "--gradient_checkpointing", args.gradient_checkpointing, "--kernels", args.kernels,
     ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
     for repeat in range(args.repeats):
@@ -408,7 +483,7 @@ def summarize(args, runs, failed=None) -> dict:
                 figures[key] = statistics.median(values)
         figures["runs"] = results
         arms[arm] = figures
-    for name in ("trl", "naive"):  # ratios against trl for every arm, and against naive
+    for name in REFERENCES:  # ratios of every arm against each reference arm
         if "real_tokens_per_s" not in arms.get(name, {}):
             continue
         reference = arms[name]
@@ -423,6 +498,7 @@ def summarize(args, runs, failed=None) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     settings = {key: getattr(args, key) for key in ("model", "rows", "max_length", "batch_size", "repeats")}
     settings["gradient_checkpointing"] = args.gradient_checkpointing == "true"
+    settings["kernels"] = args.kernels == "true"
     return {"device": device, "settings": settings, "arms": arms}
 
 
@@ -430,30 +506,33 @@ def table(report) -> str:
     arms = report["arms"]
     lines = [
         f"device: {report['device']}; settings: {json.dumps(report['settings'])}",
-        f"{'arm':<6} {'real tok/s':>11} {'trained tok/s':>14} {'padding':>8} {'peak MB':>16} {'mfu':>6} "
-        f"{'final loss':>11} {'tok/s vs trl':>13} {'loss vs trl':>12}",
+        f"{'arm':<10} {'real tok/s':>11} {'trained tok/s':>14} {'padding':>8} {'peak MB':>16} {'mfu':>6} "
+        f"{'final loss':>11} {'vs trl_tuned':>13} {'vs trl':>7} {'vs naive':>9} {'loss vs tuned':>14} {'isolated':>9}",
     ]
     for arm, figures in arms.items():
         if "error" in figures:
-            lines.append(f"{arm:<6} failed: {figures['error']}")
+            lines.append(f"{arm:<10} failed: {figures['error']}")
             continue
         memory = figures["peak_memory_mb"]
         memory = f"{memory['allocated']:.0f}/{memory['reserved']:.0f}" if isinstance(memory, dict) else f"{memory:.0f}"
         mfu = f"{figures['mfu']:.1%}" if figures.get("mfu") is not None else "-"
-        versus = figures.get("vs_trl")
-        speed = f"{versus['real_tokens_per_s']:.2f}x" if versus else "-"
-        loss = f"{versus['final_loss']:+.2%}" if versus else "-"
+        speeds = [
+            f"{figures[f'vs_{name}']['real_tokens_per_s']:.2f}x" if f"vs_{name}" in figures else "-"
+            for name in REFERENCES
+        ]
+        tuned = figures.get("vs_trl_tuned")
+        loss = f"{tuned['final_loss']:+.2%}" if tuned else "-"
+        isolation = figures.get("isolation") or {}
+        isolated = {True: "no", False: "yes"}.get(isolation.get("rows_attend_to_each_other"), "-")
         lines.append(
-            f"{arm:<6} {figures['real_tokens_per_s']:>11.0f} {figures['trained_tokens_per_s']:>14.0f} "
-            f"{figures['padding_ratio']:>8.1%} {memory:>16} {mfu:>6} {figures['final_loss']:>11.4f} {speed:>13} "
-            f"{loss:>12}"
+            f"{arm:<10} {figures['real_tokens_per_s']:>11.0f} {figures['trained_tokens_per_s']:>14.0f} "
+            f"{figures['padding_ratio']:>8.1%} {memory:>16} {mfu:>6} {figures['final_loss']:>11.4f} {speeds[0]:>13} "
+            f"{speeds[1]:>7} {speeds[2]:>9} {loss:>14} {isolated:>9}"
         )
     ours = arms.get("ours", {})
     if "error" not in ours:
         versus = [
-            f"{ours[f'vs_{name}']['real_tokens_per_s']:.2f}x {name}"
-            for name in ("trl", "naive")
-            if f"vs_{name}" in ours
+            f"{ours[f'vs_{name}']['real_tokens_per_s']:.2f}x {name}" for name in REFERENCES if f"vs_{name}" in ours
         ]
         if versus:
             lines.append(f"ours: real tokens/s {', '.join(versus)}")

@@ -121,6 +121,13 @@ class TrainingConfig(SFTConfig):
             "where the model and method allow it (see glm_sft/speed.py), else padded, length-grouped batches."
         },
     )
+    kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "GLM kernels on a GPU (glm_sft/kernels.py): Liger RMSNorm and SwiGLU, compiled rotary; needs CUDA "
+            "and pip install liger-kernel. The log says which are in place."
+        },
+    )
     train_sampling_strategy: str | None = field(
         default=None,
         metadata={

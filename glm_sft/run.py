@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from glm_sft import UserError, speed, tracking
+from glm_sft import UserError, kernels, speed, tracking
 from glm_sft.arguments import Recipe
 from glm_sft.callbacks import SampleGeneration, sample_prompts
 from glm_sft.checkpoints import (
@@ -267,6 +267,7 @@ def build_run(recipe: Recipe, model=None) -> Run:
         )
     prepare_model(model, model_args, training)  # k-bit preparation (qlora), frozen layers (freeze)
     choices = speed.configure(model, model_args, training)  # padding-free or padded batches, attention
+    choices.append(kernels.apply_kernels(model, training.kernels))  # before PEFT wraps the modules
     generation_config = generation_config_for(tokenizer, family)
     model.generation_config = generation_config
 
