@@ -224,7 +224,9 @@ def run_facts(source: Path) -> dict:
     return {}
 
 
-def model_card(source: Path, recipe: dict, merged: dict, family: str, dtype_name: str) -> str:
+def model_card(
+    source: Path, recipe: dict, merged: dict, family: str, dtype_name: str, tokenizer, architecture: str
+) -> str:
     base = merged.get("base") or recipe.get("model_name_or_path") or "not recorded"
     method = recipe.get("finetuning_type") or ("lora" if merged else "full or freeze (not recorded)")
     if merged.get("dora") and method == "lora":
@@ -251,14 +253,12 @@ def model_card(source: Path, recipe: dict, merged: dict, family: str, dtype_name
             f"the base loaded in {dtype_name}, not into 4-bit weights; outputs can differ slightly from the quantized "
             "model used in training."
         )
-    prompt = (
-        "[gMASK]<sop><|user|>\\n你好<|assistant|>" if family == "glm4" else "[gMASK]sop<|user|>\\n你好<|assistant|>"
-    )
+    prompt = prompt_example(tokenizer)
     lines = [
         "# Fine-tuned GLM model",
         "",
         f"Exported by glm-sft's export.py from `{source}`. Plain transformers weights ({dtype_name}, native "
-        "`GlmForCausalLM`); no trust_remote_code needed.",
+        f"`{architecture}`); no trust_remote_code needed.",
         "",
         *notes,
         "" if notes else None,
@@ -294,11 +294,21 @@ def model_card(source: Path, recipe: dict, merged: dict, family: str, dtype_name
     return "\n".join(line for line in lines if line is not None)
 
 
-def write_export(folder: Path, model, tokenizer, config, card: str, max_shard_size: str) -> None:
+def prompt_example(tokenizer) -> str:
+    """The prompt of a one-message chat as this model's template writes it, newlines escaped, for the model card."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "你好"}], add_generation_prompt=True, tokenize=False
+    )
+    return text.replace("\n", "\\n")
+
+
+def write_export(folder: Path, model, tokenizer, family: str, config, card: str, max_shard_size: str) -> None:
+    from glm_sft.template import save_tokenizer
+
     say(f"saving the model to {folder}")
     model.generation_config = config
     model.save_pretrained(folder, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, family, folder)  # the checkpoint's own template for the newer generations
     (folder / "README.md").write_text(card, encoding="utf-8")
 
 
@@ -334,7 +344,7 @@ def main(argv=None):
     model = model.to(dtype)
     tokenizer, family = load_export_tokenizer(source, recipe, merged.get("base"))
     config = generation_config(source, tokenizer, family)
-    card = model_card(source, recipe, merged, family, args.dtype)
+    card = model_card(source, recipe, merged, family, args.dtype, tokenizer, type(model).__name__)
 
     # Written beside the target under a dot name, then renamed: an interrupted export leaves nothing that looks done.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -344,7 +354,7 @@ def main(argv=None):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
-        write_export(staging, model, tokenizer, config, card, args.max_shard_size)
+        write_export(staging, model, tokenizer, family, config, card, args.max_shard_size)
         move_into_place(staging, out_dir)
     except Exception as exception:  # a full disk, a read-only or vanished target: nothing half-written stays
         from glm_sft.checkpoints import folder_size, free_space_note, human_size, storage_error

@@ -1,9 +1,13 @@
-"""The embedded tiny models: `builtin:tiny-glm4` and `builtin:tiny-chatglm3`.
+"""The embedded tiny models, one per GLM generation: `builtin:tiny-glm4`, `builtin:tiny-chatglm3`,
+`builtin:tiny-glm4-0414`, `builtin:tiny-glmz1`, `builtin:tiny-glm45` (MoE) and `builtin:tiny-glm47-flash` (MoE with
+multi-head latent attention).
 
-Each is transformers' native GLM architecture (GlmForCausalLM) at a tiny size, with a byte-level BPE tokenizer trained
-on the bundled data that carries the family's special tokens, chat template and stop tokens. They stand in for the real
-checkpoints wherever there is no GPU or no network (the demo recipe, the tests). Built offline from a fixed seed, so a
-name always gives the same tokenizer and weights; cached after the first build.
+Each is transformers' native class for its generation (GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM,
+Glm4MoeLiteForCausalLM) at a tiny size, with a byte-level BPE tokenizer trained on the bundled data that carries the
+family's special tokens, chat template and stop tokens. The newer generations ship the released template text, as their
+checkpoints do (so the start-up check of the shipped template runs on them too); the two older ones ship ours. They
+stand in for the real checkpoints wherever there is no GPU or no network (the demo recipe, the tests). Built offline
+from a fixed seed, so a name always gives the same tokenizer and weights; cached after the first build.
 """
 
 import hashlib
@@ -13,10 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from glm_sft.template import SPECIAL_TOKENS
+from glm_sft.template import SPECIAL_TOKENS, TEMPLATE_DIR
 
 PREFIX = "builtin:"
-BUILD_VERSION = "1"  # bump when the build below changes, so old caches are not reused
+BUILD_VERSION = "2"  # bump when the build below changes, so old caches are not reused
 SEED = 1234
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The corpus the tokenizers are trained on: fixed, so adding data files does not change the built-in models.
@@ -49,6 +53,21 @@ FAMILY_SPECS = {
         "rope_theta": 10000.0,
     },
 }
+# The newer generations: the same tokenizer settings as GLM-4's, each with its family's tokens, released template and
+# architecture.
+for _name, _family, _architecture in [
+    ("tiny-glm4-0414", "glm4_0414", "glm4"),
+    ("tiny-glmz1", "glmz1", "glm4"),
+    ("tiny-glm45", "glm45", "glm4_moe"),
+    ("tiny-glm47-flash", "glm47", "glm4_moe_lite"),
+]:
+    FAMILY_SPECS[_name] = {
+        **FAMILY_SPECS["tiny-glm4"],
+        "family": _family,
+        "special_tokens": SPECIAL_TOKENS[_family],
+        "architecture": _architecture,
+        "released_template": True,
+    }
 # Small enough to train on a laptop CPU in a minute, big enough to memorise the demo data.
 MODEL_SIZE = {
     "hidden_size": 256,
@@ -61,6 +80,27 @@ MODEL_SIZE = {
     "partial_rotary_factor": 0.5,  # rotary on half of each head, as in GLM
     "initializer_range": 0.1,  # wider than usual so LoRA on random weights can reach confident predictions
 }
+# The class of each architecture, by model type.
+ARCHITECTURES = {
+    "glm": "GlmForCausalLM",
+    "glm4": "Glm4ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+}
+# The mixture-of-experts generations at the same width: 8 routed experts (2 per token) and 1 shared one; the first
+# layer dense, as in the released models.
+MOE_SIZE = {
+    "moe_intermediate_size": 128,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+}
+# GLM-4.7-Flash's multi-head latent attention, scaled down (the released ranks are 768 / 512, heads 192 + 64).
+MLA_SIZE = {"q_lora_rank": 96, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 64}
 VOCAB_SIZE = 6000
 
 
@@ -104,7 +144,9 @@ def _corpus_texts() -> list[str]:
 
 def _fingerprint(name: str) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([BUILD_VERSION, SEED, name, FAMILY_SPECS[name], MODEL_SIZE, VOCAB_SIZE]).encode())
+    sizes = [MODEL_SIZE, MOE_SIZE, MLA_SIZE, VOCAB_SIZE]
+    digest.update(json.dumps([BUILD_VERSION, SEED, name, FAMILY_SPECS[name], sizes]).encode())
+    digest.update(_shipped_template(FAMILY_SPECS[name]).encode())
     for file_name in CORPUS_FILES:
         digest.update((REPO_ROOT / "data" / file_name).read_bytes())
     return digest.hexdigest()[:12]
@@ -142,26 +184,58 @@ def _build_tokenizer(spec: dict, template: str):
     return tokenizer
 
 
-def _build(name: str, target: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
+def _shipped_template(spec: dict) -> str:
+    """The chat template the built-in tokenizer carries: the released text for the newer generations, else ours."""
+    from glm_sft.template import family_template
 
-    from glm_sft.template import family_template, stop_token_ids
+    if spec.get("released_template"):
+        return (TEMPLATE_DIR / "released" / f"{spec['family']}.jinja").read_text(encoding="utf-8")
+    return family_template(spec["family"])
+
+
+def _model(spec: dict, tokenizer, stop_ids: list[int]):
+    """The architecture of the spec at the tiny size, random weights from the fixed seed."""
+    import torch
+    import transformers
+
+    common = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": stop_ids,
+        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": spec["rope_theta"]},
+    }
+    architecture = spec.get("architecture", "glm")
+    if architecture in ("glm", "glm4"):  # bias on q/k/v only, as in GLM
+        config_class = transformers.GlmConfig if architecture == "glm" else transformers.Glm4Config
+        config = config_class(**MODEL_SIZE, **common, attention_bias=True)
+        if architecture == "glm4":
+            config.rope_parameters["partial_rotary_factor"] = MODEL_SIZE["partial_rotary_factor"]
+    elif architecture == "glm4_moe":
+        config = transformers.Glm4MoeConfig(
+            **MODEL_SIZE, **MOE_SIZE, **common, attention_bias=True, use_qk_norm=True, num_nextn_predict_layers=0
+        )
+        config.rope_parameters["partial_rotary_factor"] = MODEL_SIZE["partial_rotary_factor"]
+    else:  # glm4_moe_lite
+        size = {key: value for key, value in MODEL_SIZE.items() if key not in ("head_dim", "partial_rotary_factor")}
+        layers = ["dense"] * MOE_SIZE["first_k_dense_replace"]
+        layers += ["sparse"] * (size["num_hidden_layers"] - len(layers))
+        moe = {key: value for key, value in MOE_SIZE.items() if key != "first_k_dense_replace"}
+        size["num_key_value_heads"] = size["num_attention_heads"]  # latent attention: no grouped KV heads
+        config = transformers.Glm4MoeLiteConfig(**size, **moe, **MLA_SIZE, **common, mlp_layer_types=layers)
+    torch.manual_seed(SEED)
+    return getattr(transformers, ARCHITECTURES[architecture])(config)
+
+
+def _build(name: str, target: Path) -> None:
+    from transformers import GenerationConfig
+
+    from glm_sft.template import stop_token_ids
 
     spec = FAMILY_SPECS[name]
-    tokenizer = _build_tokenizer(spec, family_template(spec["family"]))
+    tokenizer = _build_tokenizer(spec, _shipped_template(spec))
     stop_ids = stop_token_ids(tokenizer, spec["family"])
-    config = GlmConfig(
-        vocab_size=len(tokenizer),
-        **MODEL_SIZE,
-        rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"]},
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_ids,
-        attention_bias=True,  # bias on q/k/v only, as in GLM
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    model = GlmForCausalLM(config)
+    model = _model(spec, tokenizer, stop_ids)
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

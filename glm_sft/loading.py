@@ -5,11 +5,12 @@ Names are a local directory, a hub id (found in the local cache or downloaded) o
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from glm_sft import UserError
 from glm_sft.builtin import builtin_path, is_builtin
-from glm_sft.template import attach_template, detect_family
+from glm_sft.template import attach_template, check_explicit_template, detect_family
 
 # Where the recipes put downloaded and converted weights (their header comments say how they get there).
 MODELS_FOLDER = "models"
@@ -109,14 +110,50 @@ def _from_pretrained(loader, name: str, location: str, **kwargs):
 
 
 def load_tokenizer(model_name_or_path: str, template: str = "auto", trust_remote_code: bool = False):
-    """The tokenizer with its family's chat template attached; returns (tokenizer, family)."""
+    """The tokenizer with its family's chat template attached; returns (tokenizer, family).
+
+    The family comes from the checkpoint's model type and the template its tokenizer ships (template.detect_family);
+    a `template` the user names wins, with a warning when the shipped template renders otherwise."""
     from transformers import AutoTokenizer
 
     location = resolve_model_path(model_name_or_path, needs="tokenizer_config.json")
     tokenizer = _from_pretrained(AutoTokenizer, model_name_or_path, location, trust_remote_code=trust_remote_code)
-    family = detect_family(tokenizer, template)
+    family = detect_family(tokenizer, template, model_type=checkpoint_model_type(location))
+    if template != "auto" and (warning := check_explicit_template(tokenizer, family)):
+        print(warning, file=sys.stderr)
     attach_template(tokenizer, family)
     return tokenizer, family
+
+
+def checkpoint_model_type(location: str) -> str | None:
+    """The model type in the checkpoint's config.json (an adapter's: its base's), or None where it is not at hand."""
+    path = Path(location)
+    if not path.is_dir():  # a hub id: its config.json in the local cache, if there
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(location, "config.json")
+        except Exception:
+            return None
+        path = Path(cached).parent if isinstance(cached, str) else None
+        if path is None:
+            return None
+    for name in ("config.json", "adapter_config.json"):
+        if (path / name).is_file():
+            try:
+                config = json.loads((path / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            if name == "config.json":
+                return config.get("model_type")
+            base = config.get("base_model_name_or_path")
+            if not base:
+                return None
+            try:
+                return checkpoint_model_type(builtin_path(base) if is_builtin(base) else base)
+            except UserError:
+                return None
+    return None
 
 
 def torch_dtype(name: str, finetuning_type: str, bf16: bool | None):

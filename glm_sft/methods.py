@@ -146,6 +146,33 @@ def build_peft_config(model_args):
     return None
 
 
+# The mixture-of-experts families (GLM-4.5 and later). On them PEFT (0.21, for transformers v5 models) turns `all`
+# into LoRA on the attention, the routed experts' 3-D weights and the router, and its LoRA on 3-D weights has no
+# dropout.
+MOE_FAMILIES = ("glm45", "glm46", "glm47")
+
+
+def check_moe_lora(model_args, family: str) -> None:
+    """Stop before the weights load when LoRA on a mixture-of-experts model asks for dropout PEFT cannot give."""
+    if family in MOE_FAMILIES and model_args.finetuning_type in ("lora", "qlora") and model_args.lora_dropout:
+        raise UserError(
+            f"lora_dropout is {model_args.lora_dropout}, but on a mixture-of-experts model ({family} format) PEFT's "
+            "LoRA on the experts' weights has no dropout; set lora_dropout: 0"
+        )
+
+
+def lora_scope(model) -> str | None:
+    """Which modules the run's LoRA adapts (their short names, once each), for the start-up summary."""
+    names = set()
+    for name, module in model.named_modules():
+        adapters = getattr(module, "lora_A", None)
+        if adapters is not None and len(adapters):
+            short = ".".join(part for part in name.split(".")[-2:] if part != "base_layer")
+            parameter = getattr(module, "parameter_name", None)
+            names.add(f"{short}.{parameter}" if parameter else name.rsplit(".", 1)[-1])
+    return f"LoRA on {', '.join(sorted(names))}" if names else None
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; PEFT's count knows that a 4-bit tensor packs two weights per byte."""
     if hasattr(model, "get_nb_trainable_parameters"):

@@ -27,7 +27,16 @@ from glm_sft.distributed import check_launch, main_process_output
 from glm_sft.evaluation import predict_after_training
 from glm_sft.inference import generation_config_for
 from glm_sft.loading import load_model, load_tokenizer, torch_dtype
-from glm_sft.methods import build_peft_config, check_method, count_parameters, prepare_model, quantization_config
+from glm_sft.methods import (
+    build_peft_config,
+    check_method,
+    check_moe_lora,
+    count_parameters,
+    lora_scope,
+    prepare_model,
+    quantization_config,
+)
+from glm_sft.template import save_tokenizer
 from glm_sft.tokenization import tokenize_dataset
 
 RUN_FACTS = "run.json"  # beside recipe.yaml: the rows the run used, its steps and final losses
@@ -60,6 +69,7 @@ class Run:
             [
                 f"model: {model.model_name_or_path} ({self.family} format), method: {model.finetuning_type}, "
                 f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
+                *filter(None, [lora_scope(self.trainer.model)]),
                 f"effective batch size: {world_batch} = {training.per_device_train_batch_size} per device "
                 f"x {training.gradient_accumulation_steps} accumulation x {training.world_size} processes",
                 *self.choices,
@@ -144,6 +154,7 @@ class Run:
         """The result: adapter or full model, tokenizer with the template, the family's stop ids, the recipe."""
 
         def write_extra_files(folder):
+            save_tokenizer(self.trainer.processing_class, self.family, folder)  # the checkpoint's own template
             self.generation_config.save_pretrained(folder)
             self.trainer.state.save_to_json(str(folder / "trainer_state.json"))  # the loss history, for model cards
             self.recipe.save(folder / "recipe.yaml")
@@ -256,6 +267,7 @@ def build_run(recipe: Recipe, model=None) -> Run:
         acquire_output_lock(training.output_dir)
 
     tokenizer, family = load_tokenizer(model_args.model_name_or_path, model_args.template, training.trust_remote_code)
+    check_moe_lora(model_args, family)
     train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, train_rows, eval_rows)
 
     if model is None:
