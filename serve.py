@@ -6,10 +6,12 @@
     python serve.py --adapter output/demo --host 0.0.0.0 --api_key sk-local   # reachable from other machines
 
 Any OpenAI client works against it (base_url http://127.0.0.1:8000/v1). Replies are rendered with the template and
-stop ids the model was trained with; a request with `tools` gets a call back as `tool_calls` (finish_reason
-"tool_calls"), parsed by the family's own parser, the one chat_cli uses. One model in one process: requests wait
-in a queue and one thread that owns the model answers them in turn. A request that cannot be served (bad JSON, an
-unknown role, a prompt longer than the context, a tool result with no call) gets a 400 with an OpenAI error body.
+stop ids the model was trained with; a request with `tools` gets its calls back as `tool_calls` (finish_reason
+"tool_calls"), parsed by the family's own parser, the one chat_cli uses. A thinking family's reasoning comes apart
+from the answer, as `reasoning_content`; `chat_template_kwargs` ({"enable_thinking": false}) reach the template.
+One model in one process: requests wait in a queue and one thread that owns the model answers them in turn. A
+request that cannot be served (bad JSON, an unknown role, a prompt longer than the context, a tool result with no
+call) gets a 400 with an OpenAI error body.
 """
 
 import argparse
@@ -33,7 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from glm_sft import exit_on_user_error
-from glm_sft.inference import add_model_arguments, check_model_arguments, load_from_arguments
+from glm_sft.inference import add_model_arguments, check_model_arguments, encode_prompt, load_from_arguments
 from glm_sft.template import CONTROL_TOKENS
 from glm_sft.tools import call_or_text, canonical_tools, json_type_name, parse_arguments, tool_call
 
@@ -72,6 +74,7 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs: the template's switches
 
 
 def parse_chat_request(body, *, temperature: float, top_p: float) -> ChatRequest:
@@ -106,6 +109,12 @@ def parse_chat_request(body, *, temperature: float, top_p: float) -> ChatRequest
     if "max_completion_tokens" in given and "max_tokens" in given:
         raise RequestError('give "max_tokens" or "max_completion_tokens", not both', "max_tokens")
     max_tokens_key = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
+    template_kwargs = given.get("chat_template_kwargs", {})
+    if not isinstance(template_kwargs, dict):
+        raise RequestError(
+            '"chat_template_kwargs" must be an object such as {"enable_thinking": false}', "chat_template_kwargs"
+        )
+    _boolean(template_kwargs, "enable_thinking", True, where="chat_template_kwargs.")
     return ChatRequest(
         messages=canonical_messages(given["messages"]),
         tools=tools,
@@ -117,6 +126,7 @@ def parse_chat_request(body, *, temperature: float, top_p: float) -> ChatRequest
         seed=_integer(given, "seed", None, minimum=-(2**63), maximum=2**64 - 1),
         stream=stream,
         include_usage=stream and _boolean(stream_options, "include_usage", False, where="stream_options."),
+        template_kwargs=template_kwargs,
     )
 
 
@@ -163,8 +173,8 @@ def _stop_strings(value) -> list[str]:
 
 def canonical_messages(messages) -> list[dict]:
     """OpenAI chat messages as glm_sft's canonical rows: system/user/assistant/tool messages with string content,
-    assistant `tool_calls` with the arguments as objects, and each call's result right after it, in the calls'
-    order (matched by tool_call_id when the results name one)."""
+    assistant `tool_calls` with the arguments as objects and `reasoning_content` (a thinking family's reasoning) kept,
+    and each call's result right after it, in the calls' order (matched by tool_call_id when the results name one)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError('"messages" must be a non-empty list of {"role", "content"} objects', "messages")
     rows, waiting = [], []  # waiting: the calls of the last assistant message that have no result yet
@@ -198,9 +208,19 @@ def canonical_messages(messages) -> list[dict]:
         if role == "assistant" and message.get("tool_calls"):
             waiting = _calls(message["tool_calls"], f"{where}.tool_calls")
             content = _text(message, where, required=False)
-            rows.append({"role": "assistant", "content": content, "tool_calls": [call["row"] for call in waiting]})
-            continue
-        rows.append({"role": "system" if role == "developer" else role, "content": _text(message, where, True)})
+            row = {"role": "assistant", "content": content, "tool_calls": [call["row"] for call in waiting]}
+        else:
+            row = {"role": "system" if role == "developer" else role, "content": _text(message, where, True)}
+        if role == "assistant" and message.get("reasoning_content") is not None:
+            reasoning = message["reasoning_content"]
+            if not isinstance(reasoning, str):
+                raise RequestError(
+                    f"{where} has reasoning_content of type {json_type_name(reasoning)}; expected a string",
+                    f"{where}.reasoning_content",
+                )
+            _reject_control_tokens(reasoning, where)
+            row["reasoning_content"] = reasoning
+        rows.append(row)
     if waiting:
         raise RequestError(
             f"the last message calls {', '.join(call['function']['name'] for call in waiting)}; send the results as "
@@ -308,7 +328,7 @@ class ReplyText:
 
 @dataclass
 class Event:
-    kind: str  # "started" (prompt_tokens), "text" (a piece), "call" (name, arguments), "done" (usage), "error"
+    kind: str  # "started" (prompt_tokens), "text" / "reasoning" (a piece), "call" (name, arguments), "done", "error"
     value: object = None
 
 
@@ -361,9 +381,8 @@ class ModelWorker:
 
         request, chat = job.request, self.chat
         messages = [dict(message) for message in request.messages]
-        prompt = chat.tokenizer.apply_chat_template(
-            messages, tools=request.tools, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        switches = chat.switches(request.template_kwargs)
+        prompt = encode_prompt(chat.tokenizer, messages, request.tools, switches)  # the one inference path's prompt
         room = chat.context - len(prompt)  # what the context leaves for the reply
         max_new_tokens = request.max_tokens or min(self.max_new_tokens, room)
         if max_new_tokens > room or room < 1:
@@ -377,21 +396,32 @@ class ModelWorker:
         job.emit("started", len(prompt))
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        settings = dict(max_new_tokens=max_new_tokens, temperature=request.temperature, top_p=request.top_p)
+        settings = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            template_kwargs=request.template_kwargs,
+        )
         usage = {}
-        reply = ReplyText(request.stop)
+        reply = ReplyText(request.stop)  # stop strings cut the answer, not the reasoning
         if request.parse_calls:
             parsed = call_or_text(chat, messages, request.tools, usage=usage, **settings)
-            if isinstance(parsed, dict):
-                job.emit("call", parsed)
-                usage["finish_reason"] = "tool_calls"
-            elif text := reply.feed(parsed):
+            if parsed.reasoning:
+                job.emit("reasoning", parsed.reasoning)
+            if text := reply.feed(parsed.content):
                 job.emit("text", text)
+            for call in parsed.calls:
+                job.emit("call", call)
+            if parsed.calls:
+                usage["finish_reason"] = "tool_calls"
         else:
             client_left = False
-            with contextlib.closing(chat.stream(messages, stop=job.cancelled, usage=usage, **settings)) as pieces:
-                for piece in pieces:
-                    if text := reply.feed(piece):
+            parts = chat.stream_parts(messages, stop=job.cancelled, usage=usage, **settings)
+            with contextlib.closing(parts) as pieces:
+                for kind, piece in pieces:
+                    if kind == "reasoning":
+                        job.emit("reasoning", piece)
+                    elif text := reply.feed(piece):
                         job.emit("text", text)
                     client_left = job.cancelled.is_set()
                     if reply.stopped or client_left:
@@ -401,7 +431,7 @@ class ModelWorker:
                 print(f"a client left mid-reply: stopped after {done} of {max_new_tokens} tokens", file=sys.stderr)
         if text := reply.finish():
             job.emit("text", text)
-        if reply.stopped:
+        if reply.stopped and usage.get("finish_reason") != "tool_calls":
             usage["finish_reason"] = "stop"
         job.emit("done", usage)
 
@@ -483,7 +513,7 @@ def create_app(
             raise
         if first.kind == "error":
             return error_response(first.value)
-        completion = Completion(served_name, prompt_tokens=first.value)
+        completion = Completion(served_name, prompt_tokens=first.value, thinking=chat.thinks)
         if chat_request.stream:
             return JobStream(completion.chunks(job, chat_request.include_usage), job)
         try:
@@ -517,12 +547,14 @@ class JobStream(StreamingResponse):
 class Completion:
     """One chat completion as it is generated, written out in the OpenAI API's shapes."""
 
-    def __init__(self, model: str, prompt_tokens: int):
+    def __init__(self, model: str, prompt_tokens: int, thinking: bool = False):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.prompt_tokens = prompt_tokens
+        self.thinking = thinking  # a thinking family: the message carries reasoning_content (null when none)
         self.text = ""
+        self.reasoning = ""
         self.calls = []
 
     def add(self, event: Event) -> dict:
@@ -535,6 +567,9 @@ class Completion:
             call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
             self.calls.append(call)
             return {"tool_calls": [{"index": len(self.calls) - 1, **call}]}
+        if event.kind == "reasoning":
+            self.reasoning += event.value
+            return {"reasoning_content": event.value}
         self.text += event.value
         return {"content": event.value}
 
@@ -550,7 +585,9 @@ class Completion:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def response(self, generated: dict) -> dict:
-        message = {"role": "assistant", "content": None if self.calls else self.text}
+        message = {"role": "assistant", "content": (self.text or None) if self.calls else self.text}
+        if self.thinking:
+            message["reasoning_content"] = self.reasoning or None
         if self.calls:
             message["tool_calls"] = self.calls
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": generated["finish_reason"]}

@@ -21,12 +21,13 @@ import threading
 from glm_sft import UserError, exit_on_user_error
 from glm_sft.inference import add_model_arguments, add_tool_arguments, check_model_arguments, load_from_arguments
 from glm_sft.template import CONTROL_TOKENS
-from glm_sft.tools import MalformedCall, ToolSession, parse_reply, result_text, tool_call, tool_names
+from glm_sft.tools import MalformedCall, Reply, ToolSession, parse_reply, result_text, split_reasoning, tool_names
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # Gradio reports usage to its servers unless told not to
 
 CALL_TITLE = "Tool call: {name}"
 RESULT_TITLE = "Tool result: {name}"
+THINKING_TITLE = "Thinking"  # a thinking family's reasoning: a bubble of its own, folded under this title
 
 
 class WebChat:
@@ -49,10 +50,16 @@ class WebChat:
 
     @staticmethod
     def waiting_call(conversation: dict) -> str | None:
-        """The function whose result the conversation waits for (the last message is a call), else None."""
-        last = conversation["messages"][-1] if conversation["messages"] else None
-        if last is not None and last.get("tool_calls"):
-            return last["tool_calls"][0]["function"]["name"]
+        """The function whose result the conversation waits for (a call of the last assistant message that has no
+        result yet), else None."""
+        messages = conversation["messages"]
+        results = 0
+        for message in reversed(messages):
+            if message["role"] == "tool":
+                results += 1
+                continue
+            calls = message.get("tool_calls") or [] if message["role"] == "assistant" else []
+            return calls[results]["function"]["name"] if results < len(calls) else None
         return None
 
     def respond(self, text, conversation, system, temperature, top_p, max_tokens, session: str = ""):
@@ -68,6 +75,9 @@ class WebChat:
         conversation = {"messages": list(conversation["messages"]), "shown": list(conversation["shown"])}
         if name := self.waiting_call(conversation):  # the text is the result of the call the model made
             self.add_result(conversation, name, text)
+            if name := self.fill_results(conversation):  # several calls: the next one waits for its result
+                yield conversation, f"The model called {name}: send its result as your next message."
+                return
         else:
             conversation["messages"].append({"role": "user", "content": text})
             conversation["shown"].append({"role": "user", "content": text})
@@ -79,19 +89,28 @@ class WebChat:
             yield from self.tool_turn(conversation, system_prompt, settings, stop)
 
     def stream_reply(self, conversation: dict, system_prompt: list[dict], settings: dict, stop: threading.Event):
-        bubble = {"role": "assistant", "content": ""}
-        conversation["shown"].append(bubble)
+        bubbles = {}  # "reasoning" (a thinking family's, folded under THINKING_TITLE) and "answer", as they come
         usage = {}
         yield conversation, "Generating…"
         messages = system_prompt + conversation["messages"]
-        with contextlib.closing(self.chat.stream(messages, usage=usage, **settings)) as pieces:
-            for piece in pieces:
+        with contextlib.closing(self.chat.stream_parts(messages, usage=usage, **settings)) as pieces:
+            for kind, piece in pieces:
                 if stop.is_set():
                     break  # closing the stream ends the generation
-                bubble["content"] += piece
+                if kind not in bubbles:
+                    bubbles[kind] = {"role": "assistant", "content": ""}
+                    if kind == "reasoning":
+                        bubbles[kind]["metadata"] = {"title": THINKING_TITLE}
+                    conversation["shown"].append(bubbles[kind])
+                bubbles[kind]["content"] += piece
                 yield conversation, "Generating…"
-        bubble["content"] = bubble["content"].strip()
-        conversation["messages"].append({"role": "assistant", "content": bubble["content"]})
+        answer = bubbles.setdefault("answer", {"role": "assistant", "content": ""})
+        if answer not in conversation["shown"]:
+            conversation["shown"].append(answer)
+        message = {"role": "assistant", "content": answer["content"]}
+        if "reasoning" in bubbles:
+            message["reasoning_content"] = bubbles["reasoning"]["content"]
+        conversation["messages"].append(message)
         yield conversation, "Stopped." if stop.is_set() else self.finished(usage)
 
     def tool_turn(self, conversation: dict, system_prompt: list[dict], settings: dict, stop: threading.Event):
@@ -102,35 +121,50 @@ class WebChat:
                 yield conversation, "Stopped."
                 return
             usage = {}
-            raw = self.chat.raw_reply(
-                system_prompt + conversation["messages"], tools=self.tools.tools, usage=usage, **settings
-            )
-            try:
-                reply = parse_reply(raw, self.chat.family)
-            except MalformedCall as error:
-                reply = f"{raw.strip()}\n\n(could not read this call: {error})"
-            if isinstance(reply, str):
-                conversation["messages"].append({"role": "assistant", "content": reply})
-                conversation["shown"].append({"role": "assistant", "content": reply})
+            reply = self.tool_reply(system_prompt + conversation["messages"], usage, settings)
+            conversation["messages"].append(reply.message())
+            if reply.reasoning:
+                conversation["shown"].append(
+                    {"role": "assistant", "content": reply.reasoning, "metadata": {"title": THINKING_TITLE}}
+                )
+            if not reply.calls or reply.content:
+                conversation["shown"].append({"role": "assistant", "content": reply.content})
+            if not reply.calls:
                 yield conversation, self.finished(usage)
                 return
-            name, arguments = reply["name"], reply["arguments"]
-            conversation["messages"].append({"role": "assistant", "content": "", "tool_calls": [tool_call(**reply)]})
-            unknown = "" if name in tool_names(self.tools.tools) else " (not one of the tools)"
-            conversation["shown"].append(
-                {
-                    "role": "assistant",
-                    "content": f"```json\n{json.dumps(arguments, ensure_ascii=False, indent=2)}\n```",
-                    "metadata": {"title": CALL_TITLE.format(name=name) + unknown},
-                }
-            )
-            results = self.tools.results or {}
-            if name not in results:
+            for call in reply.calls:
+                unknown = "" if call["name"] in tool_names(self.tools.tools) else " (not one of the tools)"
+                conversation["shown"].append(
+                    {
+                        "role": "assistant",
+                        "content": f"```json\n{json.dumps(call['arguments'], ensure_ascii=False, indent=2)}\n```",
+                        "metadata": {"title": CALL_TITLE.format(name=call["name"]) + unknown},
+                    }
+                )
+            if name := self.fill_results(conversation):
                 yield conversation, f"The model called {name}: send its result as your next message."
                 return
-            self.add_result(conversation, name, result_text(results[name]))
             yield conversation, "Generating…"
         yield conversation, f"Stopped: the model made {ToolSession.MAX_CALLS_PER_TURN} calls without answering."
+
+    def tool_reply(self, messages: list[dict], usage: dict, settings: dict) -> Reply:
+        """The model's reply with the tools offered; one whose call cannot be read is shown as text, with why."""
+        raw = self.chat.raw_reply(messages, tools=self.tools.tools, usage=usage, **settings)
+        try:
+            return parse_reply(raw, self.chat.family, self.tools.tools)
+        except MalformedCall as error:
+            reasoning, answer = split_reasoning(raw) if self.chat.thinks else ("", raw.strip())
+            return Reply(f"{answer}\n\n(could not read this call: {error})", [], reasoning)
+
+    def fill_results(self, conversation: dict) -> str | None:
+        """Add the results file's result for each call still waiting, in turn; the function whose result has to come
+        from the person, else None."""
+        results = (self.tools.results if self.tools else None) or {}
+        while name := self.waiting_call(conversation):
+            if name not in results:
+                return name
+            self.add_result(conversation, name, result_text(results[name]))
+        return None
 
     @staticmethod
     def add_result(conversation: dict, name: str, result: str) -> None:

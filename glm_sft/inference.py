@@ -3,16 +3,20 @@
 Load a chat model (a base or fully fine-tuned model, or a base with a train.py adapter), fit a conversation into the
 model's context (the oldest rounds go first; `[gMASK]<sop>`, the system prompt and the tools always stay), and
 generate with the family's stop ids: streamed piece by piece, batched (left-padded), or raw with the special tokens
-kept (for tool calls).
+kept (for tool calls). A thinking family's reply is streamed in parts, its reasoning apart from its answer; the
+template's switches (`enable_thinking`) go into every prompt the model renders.
 """
 
+import contextlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from glm_sft import UserError
+from glm_sft.template import THINKING_FAMILIES
 from glm_sft.tokenization import encode_chat
+from glm_sft.tools import ReasoningStream
 
 DEFAULT_CONTEXT = 4096  # for a config that does not say (max_position_embeddings)
 GENERATION_THREAD = "glm-sft-generate"  # the thread ChatModel.stream generates in
@@ -25,20 +29,35 @@ class ChatModel:
     family: str
     stop_ids: list[int]
     name: str = ""
+    # The template's switches for every prompt ({"enable_thinking": False}); a call's `template_kwargs` add to them.
+    template_kwargs: dict = field(default_factory=dict)
 
     @property
     def context(self) -> int:
         return getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
 
-    def prompt_ids(self, messages: list[dict], tools=None, max_new_tokens: int = 512) -> tuple[list[int], list[dict]]:
-        """(prompt ids, the messages kept) for the conversation, leaving room for max_new_tokens."""
-        return fit_prompt(self.tokenizer, messages, max(self.context - max_new_tokens, 1), tools)
+    @property
+    def thinks(self) -> bool:
+        """Whether the family's replies open with reasoning (`<think>...</think>`)."""
+        return self.family in THINKING_FAMILIES
 
-    def generation_kwargs(self, messages, *, tools=None, max_new_tokens=512, temperature=0.0, top_p=1.0) -> dict:
+    def switches(self, template_kwargs: dict | None = None) -> dict:
+        return {**self.template_kwargs, **(template_kwargs or {})}
+
+    def prompt_ids(
+        self, messages: list[dict], tools=None, max_new_tokens: int = 512, template_kwargs: dict | None = None
+    ) -> tuple[list[int], list[dict]]:
+        """(prompt ids, the messages kept) for the conversation, leaving room for max_new_tokens."""
+        budget = max(self.context - max_new_tokens, 1)
+        return fit_prompt(self.tokenizer, messages, budget, tools, template_kwargs=self.switches(template_kwargs))
+
+    def generation_kwargs(
+        self, messages, *, tools=None, max_new_tokens=512, temperature=0.0, top_p=1.0, template_kwargs=None
+    ) -> dict:
         """model.generate's arguments for one conversation; `messages` is trimmed in place to what fits."""
         import torch
 
-        prompt_ids, kept = self.prompt_ids(messages, tools, max_new_tokens)
+        prompt_ids, kept = self.prompt_ids(messages, tools, max_new_tokens, template_kwargs)
         messages[:] = kept
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
@@ -52,21 +71,43 @@ class ChatModel:
             **sampling,
         )
 
-    def stream(
+    def opening(self, prompt_ids: list[int]) -> str:
+        """What a thinking family's generation prompt wrote after its last <|assistant|> (`<think>` for GLM-Z1 and
+        GLM-4.7, `\n<think></think>` with thinking off): the start of the reply the model goes on with. "" for the
+        other families, whose generation prompt is <|assistant|> alone."""
+        assistant = self.tokenizer.convert_tokens_to_ids("<|assistant|>")
+        if not self.thinks or assistant not in prompt_ids:
+            return ""
+        last = len(prompt_ids) - 1 - prompt_ids[::-1].index(assistant)
+        return self.tokenizer.decode(prompt_ids[last + 1 :], skip_special_tokens=False)
+
+    def stream_parts(
         self, messages, *, tools=None, stop: threading.Event | None = None, usage: dict | None = None, **settings
     ):
-        """The reply's text piece by piece (the opening newline dropped). Setting `stop` ends generation at the next
-        token; closing the generator early (Ctrl-C in the loop that reads it) does the same. A `usage` dict is filled
-        once generation has ended (see generation_usage)."""
+        """The reply piece by piece as ("reasoning" | "answer", text): a thinking family's `<think>` block apart from
+        its answer (see glm_sft.tools.ReasoningStream), all of it answer for the other families. Leading and trailing
+        whitespace of each part is not sent. Setting `stop` ends generation at the next token; closing the generator
+        early (Ctrl-C in the loop that reads it) does the same. A `usage` dict is filled once generation has ended
+        (see generation_usage)."""
+        import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         stop = stop or threading.Event()
+        stop_ids = torch.tensor(self.stop_ids)
 
         class Stopped(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return stop.is_set()
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        class ReplyStreamer(TextIteratorStreamer):  # the end-of-turn token is not text, even with special tokens kept
+            def put(self, value):
+                if not self.next_tokens_are_prompt:
+                    value = value.reshape(-1)
+                    value = value[~torch.isin(value, stop_ids.to(value.device))]
+                super().put(value)
+
+        # A thinking family's <think> and </think> may be special tokens: kept, to tell the reasoning apart.
+        streamer = ReplyStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=not self.thinks)
         kwargs = self.generation_kwargs(messages, tools=tools, **settings)
         kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([Stopped()]))
         outputs, failures = [], []
@@ -78,16 +119,15 @@ class ChatModel:
                 failures.append(error)
                 streamer.end()
 
+        parts = ReasoningStream(thinking=self.thinks)
         thread = threading.Thread(target=generate, name=GENERATION_THREAD, daemon=True)
         thread.start()
-        started = False
         try:
+            yield from parts.feed(self.opening(kwargs["input_ids"][0].tolist()))
             for piece in streamer:
-                if not started:
-                    piece = piece.lstrip()  # the model opens its turn with a newline
-                    started = bool(piece)
-                if piece:
-                    yield piece
+                yield from parts.feed(piece)
+            if not failures:
+                yield from parts.finish()
         finally:
             stop.set()
             thread.join()
@@ -96,13 +136,21 @@ class ChatModel:
         if failures:
             raise failures[0]
 
+    def stream(self, messages, **settings):
+        """The answer's text piece by piece (a thinking family's reasoning left out; see stream_parts)."""
+        with contextlib.closing(self.stream_parts(messages, **settings)) as parts:
+            for kind, piece in parts:
+                if kind == "answer":
+                    yield piece
+
     def reply(self, messages, **settings) -> str:
-        """The whole reply as text."""
+        """The whole answer as text."""
         return "".join(self.stream(messages, **settings)).strip()
 
     def raw_reply(self, messages, *, tools=None, usage: dict | None = None, **settings) -> str:
-        """The reply as written after <|assistant|> ({metadata}\\n{content}, special tokens kept), not streamed. A
-        `usage` dict is filled as stream fills it."""
+        """The reply as written after <|assistant|> ({metadata}\n{content}, special tokens kept; for a thinking
+        family, with what its generation prompt wrote after <|assistant|>: see opening), not streamed. A `usage`
+        dict is filled as stream fills it."""
         import torch
 
         kwargs = self.generation_kwargs(messages, tools=tools, **settings)
@@ -110,16 +158,22 @@ class ChatModel:
             output = self.model.generate(**kwargs)
         if usage is not None:
             usage.update(generation_usage(kwargs, output[0].tolist(), self.stop_ids))
-        new_ids = output[0, kwargs["input_ids"].shape[1] :].tolist()
-        return self.tokenizer.decode(cut_at_stop(new_ids, self.stop_ids), skip_special_tokens=False)
+        prompt_ids = kwargs["input_ids"][0].tolist()
+        new_ids = output[0, len(prompt_ids) :].tolist()
+        return self.opening(prompt_ids) + self.tokenizer.decode(
+            cut_at_stop(new_ids, self.stop_ids), skip_special_tokens=False
+        )
 
     def replies(self, prompts: list[dict], **settings) -> list[str]:
         """Greedy replies to prompts ({"messages", optional "tools"}), batched: see generate_replies."""
         return generate_replies(self.model, self.tokenizer, prompts, stop_ids=self.stop_ids, **settings)
 
 
-def fit_prompt(tokenizer, messages: list[dict], budget: int, tools=None) -> tuple[list[int], list[dict]]:
-    """Prompt ids of at most `budget` tokens for the conversation, and the messages kept.
+def fit_prompt(
+    tokenizer, messages: list[dict], budget: int, tools=None, template_kwargs: dict | None = None
+) -> tuple[list[int], list[dict]]:
+    """Prompt ids of at most `budget` tokens for the conversation, and the messages kept (`template_kwargs`: the
+    template's switches, such as enable_thinking).
 
     The oldest rounds go first (a round is a user message and everything up to the next one: replies, calls,
     results). When the last round alone is still too long, its beginning is cut: the prompt keeps the leading
@@ -128,11 +182,8 @@ def fit_prompt(tokenizer, messages: list[dict], budget: int, tools=None) -> tupl
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
 
-    def render(conversation, generation_prompt=True):  # as training encodes it: text in messages stays text
-        ids, _ = encode_chat(
-            tokenizer, conversation, tools=tools, add_generation_prompt=generation_prompt, close_final_turn=False
-        )
-        return ids
+    def render(conversation, generation_prompt=True):
+        return encode_prompt(tokenizer, conversation, tools, template_kwargs, generation_prompt=generation_prompt)
 
     while True:
         ids = render(system + turns)
@@ -150,6 +201,19 @@ def fit_prompt(tokenizer, messages: list[dict], budget: int, tools=None) -> tupl
             "the prompt; shorten them or lower max_new_tokens"
         )
     return prefix + [ids[len(prefix)]] + ids[-room:], system + turns
+
+
+def encode_prompt(tokenizer, messages, tools=None, template_kwargs=None, *, generation_prompt=True) -> list[int]:
+    """The whole prompt's ids, as training encodes the conversation: text in messages stays text."""
+    ids, _ = encode_chat(
+        tokenizer,
+        messages,
+        tools=tools,
+        add_generation_prompt=generation_prompt,
+        close_final_turn=False,
+        template_kwargs=template_kwargs,
+    )
+    return ids
 
 
 def generation_usage(generate_kwargs: dict, output_ids: list[int], stop_ids) -> dict:

@@ -11,7 +11,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from glm_sft.data import DataError, read_conversations
 from glm_sft.template import IGNORE_INDEX
 from glm_sft.tokenization import encode_conversation
-from glm_sft.tools import MalformedCall, parse_reply
+from glm_sft.tools import MalformedCall, Reply, parse_reply
 
 WEATHER = {
     "name": "get_weather",
@@ -246,10 +246,10 @@ def test_render_then_parse_recovers_every_call(family_and_tokenizer, arguments):
     messages = [user("q"), assistant("", *calls), tool("r1"), tool("r2"), assistant("done")]
     text, spans = render_training_example(tokenizer, messages, TOOLS)
     calls = [text[start:end].removesuffix("<|observation|>") for start, end in spans[:2]]
-    assert parse_reply(calls[0], family) == {"name": "calculator", "arguments": arguments}
-    assert parse_reply(calls[1], family) == {"name": "get_weather", "arguments": {"city": "上海"}}
+    assert parse_reply(calls[0], family) == Reply("", [{"name": "calculator", "arguments": arguments}])
+    assert parse_reply(calls[1], family) == Reply("", [{"name": "get_weather", "arguments": {"city": "上海"}}])
     answer = text[spans[2][0] : spans[2][1]]
-    assert parse_reply(answer.removesuffix("<|user|>").removesuffix("</s>"), family) == "done"
+    assert parse_reply(answer.removesuffix("<|user|>").removesuffix("</s>"), family) == Reply("done")
 
 
 def test_chatglm3_call_is_the_python_that_chatglm3_preprocessing_writes(chatglm3_tokenizer):
@@ -269,12 +269,11 @@ def test_chatglm3_call_is_the_python_that_chatglm3_preprocessing_writes(chatglm3
 
 
 def test_parse_reply_plain_text_and_text_before_a_call():
-    assert parse_reply("\n你好！", "glm4") == "你好！"
-    assert parse_reply("\n你好！", "chatglm3") == "你好！"
-    assert parse_reply('\n我来查一下。<|assistant|>get_weather\n{"city": "北京"}', "glm4") == {
-        "name": "get_weather",
-        "arguments": {"city": "北京"},
-    }
+    assert parse_reply("\n你好！", "glm4") == Reply("你好！")
+    assert parse_reply("\n你好！", "chatglm3") == Reply("你好！")
+    assert parse_reply('\n我来查一下。<|assistant|>get_weather\n{"city": "北京"}', "glm4") == Reply(
+        "我来查一下。", [{"name": "get_weather", "arguments": {"city": "北京"}}]
+    )
 
 
 @pytest.mark.parametrize(
