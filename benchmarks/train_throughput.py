@@ -268,8 +268,8 @@ def run_arm(args, work: str) -> dict:
         recipe = parse_recipe(argv)
         model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
         train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
-        tokenizer, _ = load_tokenizer(model_args.model_name_or_path, model_args.template)
-        train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, train_rows, eval_rows)
+        tokenizer, family = load_tokenizer(model_args.model_name_or_path, model_args.template)
+        train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, family, train_rows, eval_rows)
         common = dict(
             output_dir=work,
             per_device_train_batch_size=args.batch_size,
@@ -325,6 +325,8 @@ def run_arm(args, work: str) -> dict:
     counter, clock = CountingCollator(trainer.data_collator), StepClock()
     trainer.data_collator = counter
     trainer.add_callback(clock.callback)
+    if os.environ.get("GLM_SFT_PROFILE"):  # gpu_throughput.py: where the time of a step goes
+        trainer.add_callback(profile_callback(os.environ["GLM_SFT_PROFILE"], device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     clock.synchronize()
@@ -364,6 +366,35 @@ def run_arm(args, work: str) -> dict:
     figures["attention"] = trainer.model.config._attn_implementation
     figures["kernels"] = kernels_in_place(trainer.model)
     return figures
+
+
+def profile_callback(path: str, device):
+    """A TrainerCallback that runs torch.profiler over optimizer steps 2 and 3 and writes its top operators to path."""
+    import torch
+    from transformers import TrainerCallback
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    class Profile(TrainerCallback):
+        profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and state.global_step == 3:
+                StepClock.synchronize()
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(sort_by=sort, row_limit=30)
+                Path(path).write_text(f"steps 2-3, sorted by {sort}\n{table}\n")
+                self.profiler = None
+
+    return Profile()
 
 
 ISOLATION_ROWS = 4
@@ -475,12 +506,10 @@ def summarize(args, runs, failed=None) -> dict:
         figures = {}
         for key in results[0]:
             values = [result[key] for result in results]
-            if isinstance(values[0], dict):
-                figures[key] = {k: statistics.median(v[k] for v in values) for k in values[0]}
-            elif values[0] is None:
-                figures[key] = None
+            if isinstance(values[0], dict):  # medians of the numbers; the rest (layout, flags) as in the first run
+                figures[key] = {k: _median([v[k] for v in values]) for k in values[0]}
             else:
-                figures[key] = statistics.median(values)
+                figures[key] = _median(values)
         figures["runs"] = results
         arms[arm] = figures
     for name in REFERENCES:  # ratios of every arm against each reference arm
@@ -500,6 +529,11 @@ def summarize(args, runs, failed=None) -> dict:
     settings["gradient_checkpointing"] = args.gradient_checkpointing == "true"
     settings["kernels"] = args.kernels == "true"
     return {"device": device, "settings": settings, "arms": arms}
+
+
+def _median(values):
+    numbers = all(isinstance(value, int | float) and not isinstance(value, bool) for value in values)
+    return statistics.median(values) if numbers else values[0]
 
 
 def table(report) -> str:

@@ -33,6 +33,7 @@ MODELING_MODULES = {
     "glm4_moe": "transformers.models.glm4_moe.modeling_glm4_moe",
     "glm4_moe_lite": "transformers.models.glm4_moe_lite.modeling_glm4_moe_lite",
 }
+ROTARY_MODEL_TYPES = ("glm", "glm4", "glm4_moe")  # glm4_moe_lite's MLA attention rotates in its own function
 KERNEL_NAMES = ("rms_norm", "swiglu", "rotary")
 
 
@@ -128,7 +129,7 @@ def replace_modules(model) -> dict[str, int]:
             elif kind in SPLIT_MLP_CLASSES:
                 setattr(parent, name, SplitSwiGLU(child))
                 counts["swiglu"] += 1
-    if model.config.model_type in MODELING_MODULES and compiled_rotary(model.config.model_type):
+    if model.config.model_type in ROTARY_MODEL_TYPES and compiled_rotary(model.config.model_type):
         counts["rotary"] = 1
     return counts
 
@@ -138,7 +139,7 @@ def kernels_on_model(model) -> list[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     found = {getattr(module, "glm_kernel", None) for module in base.modules()}
     model_type = getattr(base.config, "model_type", None)
-    if model_type in MODELING_MODULES:
+    if model_type in ROTARY_MODEL_TYPES:
         module = importlib.import_module(MODELING_MODULES[model_type])
         if getattr(module.apply_rotary_pos_emb, "glm_kernel", None) == "rotary":
             found.add("rotary")

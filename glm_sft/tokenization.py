@@ -20,6 +20,7 @@ from glm_sft import UserError
 from glm_sft.template import IGNORE_INDEX
 
 TRUNCATED_ROWS_SHOWN = 3  # the report names the first few truncated rows (file:line and full length)
+ENCODE_BATCH_ROWS = 1000  # rows whose text pieces go to the tokenizer in one batch
 
 
 def encode_conversation(
@@ -38,15 +39,36 @@ def encode_conversation(
     assistant turn is trained. Truncation to `max_length` keeps the start: a reply cut short is trained on the tokens
     that remain, without its end token (the model is not taught to stop where the cut fell).
     """
-    input_ids, mask = encode_chat(tokenizer, messages, tools=tools, template_kwargs=template_kwargs)
-    labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
-    if last_turn_only:
-        labels = _last_span_only(labels)
-    length = len(input_ids)
-    truncated = max_length is not None and length > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated, "length": length}
+    return encode_conversations(
+        tokenizer,
+        [(messages, tools)],
+        max_length=max_length,
+        last_turn_only=last_turn_only,
+        template_kwargs=template_kwargs,
+    )[0]
+
+
+def encode_conversations(
+    tokenizer,
+    conversations: list[tuple[list[dict], list[dict] | None]],
+    *,
+    max_length: int | None = None,
+    last_turn_only: bool = False,
+    template_kwargs: dict | None = None,
+) -> list[dict]:
+    """encode_conversation for many (messages, tools) pairs at once: their text pieces go to the tokenizer in one
+    batch (the tokenizers library encodes a batch on all cores)."""
+    results = []
+    for input_ids, mask in _encode_chats(tokenizer, conversations, template_kwargs=template_kwargs):
+        labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
+        if last_turn_only:
+            labels = _last_span_only(labels)
+        length = len(input_ids)
+        truncated = max_length is not None and length > max_length
+        if truncated:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        results.append({"input_ids": input_ids, "labels": labels, "truncated": truncated, "length": length})
+    return results
 
 
 # Private-use characters around a control token's spelling in the data, so that it is told apart from the control
@@ -68,48 +90,126 @@ def encode_chat(
     the mask is 1 on the tokens of the template's `{% generation %}` spans. Control tokens are those the template
     writes; the same spellings in the conversation's strings are encoded as text. `template_kwargs` are the
     template's own switches (`enable_thinking`), as apply_chat_template passes them. Needs a fast tokenizer."""
+    return _encode_chats(
+        tokenizer,
+        [(messages, tools)],
+        add_generation_prompt=add_generation_prompt,
+        close_final_turn=close_final_turn,
+        template_kwargs=template_kwargs,
+    )[0]
+
+
+def _encode_chats(
+    tokenizer,
+    conversations,
+    *,
+    add_generation_prompt: bool = False,
+    close_final_turn: bool = True,
+    template_kwargs: dict | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """encode_chat of each (messages, tools) pair: each rendered and cut at the template's control tokens, then the
+    text pieces of all of them encoded in one batch."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     spellings = _control_spellings(tokenizer)
-    # As apply_chat_template does: keys whose value is None are left out (`"content": null` beside tool calls).
-    marked = _mark(
-        [{key: value for key, value in message.items() if value is not None} for message in messages], spellings
-    )
-    rendered, spans = render_jinja_template(
-        conversations=[marked],
-        tools=_mark(tools, spellings) if tools else None,
-        chat_template=tokenizer.chat_template,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=add_generation_prompt,
-        close_final_turn=close_final_turn,
-        **tokenizer.special_tokens_map,
-        **(template_kwargs or {}),
-    )
-    text, spans = rendered[0], spans[0]
-    # Pieces between the template's own control tokens; each is encoded alone, as the tokenizer would split it.
-    pieces, controls, position = [], [], 0
-    for match in _control_pattern(spellings).finditer(text):
-        if match.group("control") is None:  # a marked spelling: text
-            continue
-        pieces.append((position, match.start()))
-        controls.append((match.start(), tokenizer.convert_tokens_to_ids(match.group("control"))))
-        position = match.end()
-    pieces.append((position, len(text)))
-    ids, starts = [], []  # token ids, and where each token starts in `text`
-    segments = [_unmarked(text, start, end) for start, end in pieces]
-    encodings = _encode_as_text(tokenizer, [segment for segment, _ in segments])
-    for index, ((_, origins), encoding) in enumerate(zip(segments, encodings, strict=True)):
-        ids += encoding.ids
-        starts += [origins[min(begin, len(origins) - 1)] for begin, _ in encoding.offsets]
-        if index < len(controls):
-            ids.append(controls[index][1])
-            starts.append(controls[index][0])
-    mask = [int(any(start <= char < end for start, end in spans)) for char in starts]
-    return ids, mask
+    pattern = _control_pattern(spellings)
+    control_ids = _control_ids(tokenizer, spellings)
+    switches = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
+    layouts, texts = [], []  # per conversation: (its text pieces, its control tokens, its spans); all text pieces
+    for messages, tools in conversations:
+        # As apply_chat_template does: keys whose value is None are left out (`"content": null` beside tool calls).
+        marked = _mark(
+            [{key: value for key, value in message.items() if value is not None} for message in messages], spellings
+        )
+        rendered, spans = render_jinja_template(
+            conversations=[marked],
+            tools=_mark(tools, spellings) if tools else None,
+            chat_template=tokenizer.chat_template,
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=add_generation_prompt,
+            close_final_turn=close_final_turn,
+            **switches,
+        )
+        text = rendered[0]
+        # Pieces between the template's own control tokens; each is encoded alone, as the tokenizer would split it.
+        pieces, controls, position = [], [], 0
+        has_marks = _TEXT_START in text
+        for match in pattern.finditer(text):
+            control = match.group("control")
+            if control is None:  # a marked spelling: text
+                continue
+            pieces.append(_piece(text, position, match.start(), texts, has_marks))
+            controls.append((match.start(), control_ids[control]))
+            position = match.end()
+        pieces.append(_piece(text, position, len(text), texts, has_marks))
+        layouts.append((pieces, controls, sorted(spans[0])))
+    encodings = iter(_encode_as_text(tokenizer, texts))
+    results = []
+    for pieces, controls, spans in layouts:
+        ids, mask = [], []
+        for index, (start, end, origins) in enumerate(pieces):
+            encoding = next(encodings)
+            piece_ids = encoding.ids
+            ids += piece_ids
+            # A token is trained when its first character is in a span: a piece wholly inside one span or outside
+            # all of them needs no offsets; only a piece a span starts or ends in is looked at token by token.
+            inside = _span_cover(start, end, spans)
+            if inside is not None:
+                mask += [inside] * len(piece_ids)
+            else:
+                if origins is None:  # an unmarked piece: text[start:end] itself
+                    starts = [start + begin for begin, _ in encoding.offsets]
+                else:
+                    starts = [origins[min(begin, len(origins) - 1)] for begin, _ in encoding.offsets]
+                mask += _in_spans(starts, spans)
+            if index < len(controls):
+                position, control_id = controls[index]
+                ids.append(control_id)
+                mask += _in_spans([position], spans)
+        results.append((ids, mask))
+    return results
+
+
+def _piece(text: str, start: int, end: int, texts: list[str], has_marks: bool):
+    """Append text[start:end] (without markers) to `texts`; (start, end, origins): origins None when the piece holds
+    no marker, else, for each of its characters (and its end), where it is in `text`."""
+    if not has_marks or (_TEXT_START not in text[start:end] and _TEXT_END not in text[start:end]):
+        texts.append(text[start:end])
+        return start, end, None
+    segment, origins = _unmarked(text, start, end)
+    texts.append(segment)
+    return start, end, origins
+
+
+def _span_cover(start: int, end: int, spans: list[tuple[int, int]]) -> int | None:
+    """1 when [start, end) lies inside one span, 0 when it meets none, None when a span starts or ends inside it."""
+    for span_start, span_end in spans:
+        if span_start <= start and end <= span_end:
+            return 1
+        if span_start < end and start < span_end:
+            return None
+    return 0
+
+
+def _in_spans(starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each character position in `starts` that lies in one of the sorted, disjoint [start, end) spans."""
+    import numpy
+
+    if not spans:
+        return [0] * len(starts)
+    bounds = numpy.asarray(spans)
+    positions = numpy.asarray(starts)
+    span = numpy.searchsorted(bounds[:, 0], positions, side="right") - 1
+    inside = (span >= 0) & (positions < bounds[numpy.maximum(span, 0), 1])
+    return inside.astype(int).tolist()
 
 
 def _control_spellings(tokenizer) -> tuple[str, ...]:
     return tuple(sorted(tokenizer.added_tokens_encoder, key=len, reverse=True))
+
+
+def _control_ids(tokenizer, spellings: tuple[str, ...]) -> dict[str, int]:
+    return dict(zip(spellings, tokenizer.convert_tokens_to_ids(list(spellings)), strict=True))
 
 
 @cache
@@ -174,8 +274,13 @@ def tokenize_dataset(
     last_turn_only: bool = False,
     num_proc: int | None = None,
     training_args=None,
+    template_kwargs: dict | None = None,
 ):
     """A datasets.Dataset with input_ids, labels and source; rows left without a trained token are dropped.
+
+    One process (num_proc unset or 1, no launch): the rows are encoded in batches straight from memory (their text
+    pieces go to the tokenizer a batch at a time, which encodes them on all cores) and the dataset is built once from
+    the result. With num_proc > 1, datasets' map runs the same batches in num_proc processes.
 
     Under a launch with several processes (`training_args.world_size > 1`) the main process of each machine
     tokenizes and writes the result to datasets' cache file under GLM_SFT_CACHE, named by a fingerprint of the rows,
@@ -186,50 +291,67 @@ def tokenize_dataset(
 
     from datasets import Dataset
 
-    def encode(row):
-        conversation = json.loads(row["conversation"])
-        return encode_conversation(
-            tokenizer,
-            conversation["messages"],
-            tools=conversation.get("tools"),
-            max_length=max_length,
-            last_turn_only=last_turn_only,
-        )
-
-    # As JSON text: Arrow would merge the shapes of every row's tools and arguments into one schema.
-    conversations = [
-        {
-            "conversation": json.dumps(
-                {key: row[key] for key in ("messages", "tools") if key in row}, ensure_ascii=False
-            ),
-            "source": row.get("source", ""),
-        }
-        for row in rows
-    ]
+    settings = dict(max_length=max_length, last_turn_only=last_turn_only, template_kwargs=template_kwargs)
     launched = training_args is not None and training_args.world_size > 1
-    cache, first = {}, contextlib.nullcontext()
-    if launched:
-        settings = {"name": name, "max_length": max_length, "last_turn_only": last_turn_only}
-        cache = {"cache_file_name": str(_cache_file(rows, tokenizer, settings))}
-        first = training_args.main_process_first(local=True, desc=f"tokenizing {name} rows")
     is_main = not launched or training_args.process_index == 0
-    with first:
-        dataset = Dataset.from_list(conversations).map(
-            encode,
-            remove_columns=["conversation"],
-            num_proc=num_proc,
-            desc=f"Tokenizing {name} rows",
-            **cache,
-        )
+    if not launched and (num_proc or 1) <= 1:
+        columns = {"input_ids": [], "labels": [], "source": [], "truncated": [], "length": [], "trained": []}
+        for begin in range(0, len(rows), ENCODE_BATCH_ROWS):
+            batch = rows[begin : begin + ENCODE_BATCH_ROWS]
+            encoded = _encode_batch(tokenizer, [(row["messages"], row.get("tools")) for row in batch], settings)
+            for key, values in encoded.items():
+                columns[key] += values
+            columns["source"] += [row.get("source", "") for row in batch]
+        keep = columns.pop("trained")
+        sources, lengths, cuts = columns["source"], columns.pop("length"), columns.pop("truncated")
+        dropped = len(keep) - sum(keep)
+        if dropped:
+            columns = {
+                key: [item for item, kept in zip(value, keep, strict=True) if kept] for key, value in columns.items()
+            }
+        dataset = Dataset.from_dict(columns)
+    else:
+
+        def encode(batch):
+            conversations = [json.loads(text) for text in batch["conversation"]]
+            pairs = [(conversation["messages"], conversation.get("tools")) for conversation in conversations]
+            return _encode_batch(tokenizer, pairs, settings)
+
+        # As JSON text: Arrow would merge the shapes of every row's tools and arguments into one schema.
+        conversations = [
+            {
+                "conversation": json.dumps(
+                    {key: row[key] for key in ("messages", "tools") if key in row}, ensure_ascii=False
+                ),
+                "source": row.get("source", ""),
+            }
+            for row in rows
+        ]
+        cache, first = {}, contextlib.nullcontext()
+        if launched:
+            fingerprint = {"name": name, "max_length": max_length, "last_turn_only": last_turn_only}
+            if template_kwargs:
+                fingerprint["template_kwargs"] = template_kwargs
+            cache = {"cache_file_name": str(_cache_file(rows, tokenizer, fingerprint))}
+            first = training_args.main_process_first(local=True, desc=f"tokenizing {name} rows")
+        with first:
+            dataset = Dataset.from_list(conversations).map(
+                encode,
+                batched=True,
+                batch_size=ENCODE_BATCH_ROWS,
+                remove_columns=["conversation"],
+                num_proc=num_proc,
+                desc=f"Tokenizing {name} rows",
+                **cache,
+            )
+        sources, lengths, cuts, keep = (dataset[key] for key in ("source", "length", "truncated", "trained"))
+        dropped = len(keep) - sum(keep)
+        if dropped:
+            dataset = dataset.select([index for index, kept in enumerate(keep) if kept])
+        dataset = dataset.remove_columns(["truncated", "length", "trained"])
     truncated = [
-        f"{source} ({length} tokens)"
-        for source, length, cut in zip(dataset["source"], dataset["length"], dataset["truncated"], strict=True)
-        if cut
+        f"{source} ({length} tokens)" for source, length, cut in zip(sources, lengths, cuts, strict=True) if cut
     ]
-    trained = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]
-    dropped = len(trained) - sum(trained)
-    dataset = dataset.select([index for index, keep in enumerate(trained) if keep])
-    dataset = dataset.remove_columns(["truncated", "length"])
     if is_main:
         report = f"{name}: {len(dataset)} rows used, {len(truncated)} truncated to max_length={max_length}"
         if truncated:
@@ -242,6 +364,14 @@ def tokenize_dataset(
     if len(dataset) == 0:
         raise UserError(f"no {name} rows left to train on; raise max_length (now {max_length})")
     return dataset
+
+
+def _encode_batch(tokenizer, pairs, settings: dict) -> dict[str, list]:
+    """Columns input_ids, labels, truncated, length and trained (whether a row keeps a trained token) of the pairs."""
+    encoded = encode_conversations(tokenizer, pairs, **settings)
+    columns = {key: [row[key] for row in encoded] for key in ("input_ids", "labels", "truncated", "length")}
+    columns["trained"] = [any(label != IGNORE_INDEX for label in row["labels"]) for row in encoded]
+    return columns
 
 
 def _cache_file(rows: list[dict], tokenizer, settings: dict):
@@ -257,3 +387,55 @@ def _cache_file(rows: list[dict], tokenizer, settings: dict):
     folder = cache_root() / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{settings['name']}-{hasher.hexdigest()}.arrow"
+
+
+def reasoning_samples(rows: list[dict], family: str) -> list[dict]:
+    """The rows as the family trains them: a row whose reasoning the template would drop from its history is split.
+
+    The thinking templates drop the reasoning of earlier turns (template.REASONING_KEPT), so in one rendering of a
+    multi-turn row an earlier reply shows no thinking, while at inference the model thinks before it. Each such reply
+    becomes a sample of its own: the conversation up to the end of its round (GLM-4.5 and later: up to the next user
+    message; GLM-Z1: up to the reply), only that round trained; in the full row those rounds are not trained again
+    ("loss": false). Every trained token is then one the model produces at inference with that history. Reasoning for
+    a family without thinking is an error naming the rows.
+    """
+    from glm_sft.template import REASONING_KEPT
+
+    def reasons(message):
+        return message["role"] == "assistant" and bool(message.get("reasoning_content"))
+
+    if family not in REASONING_KEPT:
+        found = [row.get("source", "?") for row in rows if any(map(reasons, row["messages"]))]
+        if found:
+            more = f" and {len(found) - 3} more rows" if len(found) > 3 else ""
+            raise UserError(
+                f"{', '.join(found[:3])}{more}: assistant messages with reasoning (reasoning_content or "
+                f"<think>...</think>), but the {family} format has no thinking; train a thinking model (GLM-Z1, "
+                "GLM-4.5 and later) or remove the reasoning"
+            )
+        return rows
+    samples = []
+    for row in rows:
+        messages = row["messages"]
+        rounds = _rounds(messages, REASONING_KEPT[family])
+        split = sorted({rounds[i] for i, message in enumerate(messages) if reasons(message) and rounds[i] is not None})
+        for end in split:
+            samples.append({**row, "messages": _trained_only(messages[:end], rounds, {end})})
+        samples.append({**row, "messages": _trained_only(messages, rounds, set(split), keep=False)} if split else row)
+    return samples
+
+
+def _rounds(messages: list[dict], kept: str) -> list[int | None]:
+    """For each message, where the sample that would keep its reasoning ends (None: the full row keeps it)."""
+    if kept == "final turn":
+        return [index + 1 if index < len(messages) - 1 else None for index in range(len(messages))]
+    users = [index for index, message in enumerate(messages) if message["role"] == "user"]
+    return [next((user for user in users if user > index), None) for index in range(len(messages))]
+
+
+def _trained_only(messages: list[dict], rounds: list, chosen: set, keep: bool = True) -> list[dict]:
+    """The messages with "loss": false on the assistant replies outside the chosen rounds (keep) or inside them."""
+    return [
+        dict(message, loss=False) if message["role"] == "assistant" and (rounds[index] in chosen) != keep else message
+        for index, message in enumerate(messages)
+    ]
