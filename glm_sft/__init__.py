@@ -14,6 +14,11 @@ logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().
 warnings.filterwarnings("ignore", message="Could not find a config file in builtin:", category=UserWarning)
 # transformers 5 renamed is_gradient_checkpointing; TRL and PEFT still call the old name.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# PEFT's conversion of LoRA on transformers v5 MoE experts writes rank/alpha patterns for gate_up_proj that then match
+# no module (the experts are parameters): harmless, and printed at every load of a GLM-4.5-style adapter.
+warnings.filterwarnings(
+    "ignore", message="The following (rank|alpha)_pattern keys did not match", category=RuntimeWarning
+)
 
 
 class UserError(Exception):

@@ -360,6 +360,7 @@ class _Turn:
     label: str
     calls: list[tuple[Any, Any]] = field(default_factory=list)
     trained: bool = True  # False for an assistant message with "loss": false (rendered, not trained)
+    reasoning: Any = None  # an assistant message's reasoning_content (or its inline <think>...</think>)
 
 
 class _ConversationReader:
@@ -546,7 +547,9 @@ def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
                 continue
             content = "" if message.get("content") is None else message["content"]
             calls = [_openai_call(call) for call in calls]
-            turns.append(_Turn("assistant", content, label, calls, trained=loss is not False))
+            turns.append(
+                _Turn("assistant", content, label, calls, loss is not False, message.get("reasoning_content"))
+            )
         elif role == "assistant" and _has_value(message.get("metadata")):
             # GLM-4 native: the function name as metadata, the JSON arguments as content; ChatGLM3 writes a fenced
             # python tool_call(...) block as content instead.
@@ -563,8 +566,13 @@ def _turns_from_messages(row: dict) -> tuple[list[_Turn], list[str]]:
             problems.append(f'{label} has no "content"')
         elif role in ("tool", "observation"):
             turns.append(_Turn("tool", _result(message["content"]), label))
+        elif role == "assistant":
+            reasoning = message.get("reasoning_content")
+            turns.append(_Turn(role, message["content"], label, [], loss is not False, reasoning))
         else:
-            turns.append(_Turn(role, message["content"], label, trained=role != "assistant" or loss is not False))
+            if message.get("reasoning_content") is not None:
+                problems.append(f'{label} has "reasoning_content"; only assistant messages reason')
+            turns.append(_Turn(role, message["content"], label))
     return turns, problems
 
 
@@ -661,6 +669,8 @@ def _row_tools(row: dict, row_format: str) -> tuple[list[dict] | None, list[str]
 
 def _canonical_message(turn: _Turn) -> dict:
     message = {"role": turn.role, "content": turn.content}
+    if turn.reasoning is not None:
+        message["reasoning_content"] = turn.reasoning
     if turn.calls:
         message["tool_calls"] = [tool_call(name, arguments) for name, arguments in turn.calls]
     if not turn.trained:
@@ -748,6 +758,8 @@ def _system_turn(row: dict) -> list[_Turn]:
 def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list[str]:
     problems = []
     for turn in turns:
+        if turn.role == "assistant" and isinstance(turn.content, str):
+            problems += _reasoning_problems(turn)
         if not isinstance(turn.content, str):
             problems.append(f"{turn.label} has content of type {json_type_name(turn.content)}; expected a string")
         elif turn.role != "system" and not turn.calls and not turn.content.strip():
@@ -770,6 +782,29 @@ def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list
         what = "a tool result" if kept[-1].role == "tool" else kept[-1].label
         problems.append(f"the conversation ends with {what}; it must end with an assistant reply")
     return problems
+
+
+def _reasoning_problems(turn: _Turn) -> list[str]:
+    """Take an assistant turn's reasoning: `reasoning_content`, or a `<think>...</think>` at the start of its content
+    (moved out of the content, as the thinking templates read it); what is wrong with it, if anything."""
+    inline = turn.content.lstrip().startswith("<think>") or "</think>" in turn.content
+    if inline:
+        if turn.reasoning is not None:
+            return [f'{turn.label} has both "reasoning_content" and <think>...</think> in its content; give one']
+        head, closed, answer = turn.content.partition("</think>")
+        if not closed or not head.lstrip().startswith("<think>") or "<think>" in answer or "</think>" in answer:
+            return [f"{turn.label} has a <think> block that is not one <think>...</think> at the start of its content"]
+        turn.reasoning = head.lstrip()[len("<think>") :].strip()
+        turn.content = answer.lstrip("\n")
+    if turn.reasoning is None:
+        return []
+    if not isinstance(turn.reasoning, str):
+        return [f'{turn.label} has "reasoning_content" of type {json_type_name(turn.reasoning)}; expected a string']
+    if token := _control_token(turn.reasoning):
+        return [f"{turn.label} reasoning contains the control token {token}; remove it from the text"]
+    if "<think>" in turn.reasoning or "</think>" in turn.reasoning:
+        return [f'{turn.label} has <think> or </think> inside its "reasoning_content"; give the reasoning alone']
+    return []
 
 
 def _kept_turns(turns: list[_Turn]) -> list[_Turn]:

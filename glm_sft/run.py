@@ -37,7 +37,7 @@ from glm_sft.methods import (
     quantization_config,
 )
 from glm_sft.template import save_tokenizer
-from glm_sft.tokenization import tokenize_dataset
+from glm_sft.tokenization import reasoning_samples, tokenize_dataset
 
 RUN_FACTS = "run.json"  # beside recipe.yaml: the rows the run used, its steps and final losses
 
@@ -268,7 +268,7 @@ def build_run(recipe: Recipe, model=None) -> Run:
 
     tokenizer, family = load_tokenizer(model_args.model_name_or_path, model_args.template, training.trust_remote_code)
     check_moe_lora(model_args, family)
-    train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, train_rows, eval_rows)
+    train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, family, train_rows, eval_rows)
 
     if model is None:
         model = load_model(
@@ -315,8 +315,11 @@ def check_eval_data(training, eval_rows) -> None:
         )
 
 
-def tokenized_datasets(recipe: Recipe, tokenizer, train_rows, eval_rows):
-    """(train, eval or None) datasets of input_ids and labels, as the trainer gets them."""
+def tokenized_datasets(recipe: Recipe, tokenizer, family: str, train_rows, eval_rows):
+    """(train, eval or None) datasets of input_ids and labels, as the trainer gets them; rows with reasoning the
+    template drops from history are split first (tokenization.reasoning_samples)."""
+    if not recipe.data.last_turn_only:  # else only the final reply trains, and it keeps its reasoning
+        train_rows, eval_rows = (reasoning_samples(rows, family) if rows else rows for rows in (train_rows, eval_rows))
     settings = dict(
         tokenizer=tokenizer,
         max_length=recipe.training.max_length,

@@ -14,6 +14,10 @@ FAMILIES = ("glm4", "chatglm3", "glm4_0414", "glmz1", "glm45", "glm46", "glm47")
 # messages' `reasoning_content`; families whose tool calls are XML (`<tool_call>name<arg_key>k</arg_key>...`).
 THINKING_FAMILIES = ("glmz1", "glm45", "glm46", "glm47")
 XML_TOOL_FAMILIES = ("glm45", "glm46", "glm47")
+# Which assistant turns keep their reasoning when the template renders a conversation: GLM-4.5 and later keep it for
+# the turns after the last user message (earlier ones get an empty <think></think>); GLM-Z1 only for the final one
+# (its template strips reasoning from history).
+REASONING_KEPT = {"glmz1": "final turn", **dict.fromkeys(("glm45", "glm46", "glm47"), "after last user")}
 # Which families a checkpoint's model type can be; the first is the one a checkpoint without a chat template gets.
 MODEL_TYPE_FAMILIES = {
     "chatglm": ("glm4", "chatglm3"),  # remote-code checkpoints: told apart by their tokenizer's tokens
