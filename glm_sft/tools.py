@@ -265,7 +265,9 @@ class ReasoningStream:
                 stripped = self.buffer.lstrip()
                 if stripped.startswith(THINK_OPEN):
                     self.buffer, self.kind = stripped[len(THINK_OPEN) :], "reasoning"
-                elif THINK_OPEN.startswith(stripped):  # nothing yet, or the beginning of <think>
+                elif stripped.startswith(THINK_CLOSE):  # GLM-4.7's prompt with thinking off closes an empty block
+                    self.buffer, self.kind = stripped[len(THINK_CLOSE) :], "answer"
+                elif THINK_OPEN.startswith(stripped) or THINK_CLOSE.startswith(stripped):  # nothing yet, or a tag
                     return parts
                 else:
                     self.kind = "answer"

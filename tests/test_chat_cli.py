@@ -1,4 +1,7 @@
-"""Fitting a conversation into the model's context (glm_sft.inference, shared by chat_cli, evaluate and samples)."""
+"""Fitting a conversation into the model's context (glm_sft.inference, shared by chat_cli, evaluate and samples), and
+chat_cli's display of a thinking family's reasoning and its --enable_thinking switch."""
+
+import io
 
 import pytest
 import torch
@@ -86,3 +89,111 @@ def test_batched_generation_fits_long_prompts_the_same_way(glm4_tokenizer):
     )
     assert seen == [fit_prompt(glm4_tokenizer, messages, 64 - 8)[0]]
     assert glm4_tokenizer.decode(seen[0]).startswith("[gMASK]<sop><|system|>\n系统提示<|user|>")
+
+
+# ---- a thinking family's reasoning, and --enable_thinking ----
+
+
+class ThinkingChat:
+    """A stand-in for a thinking family's ChatModel: streams fixed reasoning and answer parts, records the settings."""
+
+    family, thinks = "glm45", True
+
+    def __init__(self, parts=(("reasoning", "3 加 4"), ("reasoning", " 是 7。"), ("answer", "等于 7。"))):
+        self.parts, self.settings, self.template_kwargs = list(parts), [], {}
+
+    def stream_parts(self, messages, **settings):
+        self.settings.append(settings)
+        yield from self.parts
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def chat_args(*argv):
+    import chat_cli
+
+    return chat_cli.parse_args(["--model", "builtin:tiny-glm45", *argv])
+
+
+def test_enable_thinking_takes_true_or_false_and_defaults_to_the_template_s(capsys):
+    assert chat_args().enable_thinking is None
+    assert chat_args("--enable_thinking", "false").enable_thinking is False
+    assert chat_args("--enable-thinking", "True").enable_thinking is True
+    with pytest.raises(SystemExit):
+        chat_args("--enable_thinking", "maybe")
+    assert "expected true or false, not 'maybe'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("stream", "shown"),
+    [
+        (Terminal(), "\033[2m3 加 4 是 7。\033[0m\n等于 7。"),  # dimmed on a terminal
+        (io.StringIO(), "thinking:\n3 加 4 是 7。\n\nanswer:\n等于 7。"),  # under headings in a pipe or a file
+    ],
+)
+def test_reasoning_is_shown_apart_from_the_answer_and_kept_in_the_history(stream, shown):
+    import chat_cli
+
+    messages = [{"role": "user", "content": "3+4?"}]
+    reply = chat_cli.answer(ThinkingChat(), messages, chat_args(), None, stream=stream)
+    assert stream.getvalue() == shown
+    assert reply == "等于 7。"
+    assert messages[-1] == {"role": "assistant", "content": "等于 7。", "reasoning_content": "3 加 4 是 7。"}
+
+
+def test_one_shot_output_puts_the_reasoning_and_the_answer_under_headings():
+    import chat_cli
+
+    reply = chat_cli.answer(ThinkingChat(), [{"role": "user", "content": "3+4?"}], chat_args(), None)
+    assert reply == "thinking:\n3 加 4 是 7。\n\nanswer:\n等于 7。"
+    only_answer = ThinkingChat([("answer", "等于 7。")])
+    assert chat_cli.answer(only_answer, [{"role": "user", "content": "3+4?"}], chat_args(), None) == "等于 7。"
+
+
+def test_a_reply_cut_in_its_reasoning_leaves_the_terminal_undimmed():
+    import chat_cli
+
+    terminal = Terminal()
+    chat_cli.answer(ThinkingChat([("reasoning", "想到一半")]), [], chat_args(), None, stream=terminal)
+    assert terminal.getvalue() == "\033[2m想到一半\033[0m"
+
+
+def test_enable_thinking_reaches_every_prompt(monkeypatch, capsys):
+    import chat_cli
+
+    chat = ThinkingChat()
+    monkeypatch.setattr(chat_cli, "load_from_arguments", lambda args: chat)
+    chat_cli.main(["--model", "builtin:tiny-glm45", "--enable_thinking", "false", "--prompt", "3+4?"])
+    assert chat.template_kwargs == {"enable_thinking": False}
+    assert capsys.readouterr().out.startswith("thinking:\n")
+
+
+def test_enable_thinking_true_is_an_error_for_a_family_that_does_not_think(capsys):
+    import chat_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        chat_cli.main(["--model", "builtin:tiny-glm4", "--enable_thinking", "true", "--prompt", "你好"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: --enable_thinking true: glm4 models have no thinking mode"
+
+
+def test_model_template_switches_reach_the_rendered_prompt(glm4_tokenizer, monkeypatch):
+    """ChatModel.template_kwargs (and a call's own) go into every prompt it renders, as apply_chat_template's."""
+    import glm_sft.inference as inference
+    from glm_sft.inference import ChatModel
+
+    seen = []
+
+    def encode_chat(tokenizer, messages, **kwargs):
+        seen.append(kwargs["template_kwargs"])
+        return [1], [0]
+
+    monkeypatch.setattr(inference, "encode_chat", encode_chat)
+    model = type("Model", (), {"config": type("Config", (), {"max_position_embeddings": 64})()})()
+    chat = ChatModel(model, glm4_tokenizer, "glm45", [0], template_kwargs={"enable_thinking": False})
+    chat.prompt_ids([{"role": "user", "content": "hi"}])
+    chat.prompt_ids([{"role": "user", "content": "hi"}], template_kwargs={"enable_thinking": True, "x": 1})
+    assert seen == [{"enable_thinking": False}, {"enable_thinking": True, "x": 1}]

@@ -273,6 +273,98 @@ def test_openai_tool_messages_become_canonical_rows_with_results_in_call_order()
     ]  # fmt: skip
 
 
+# ---- a thinking family: reasoning_content apart from the content, chat_template_kwargs, XML tool calls ----
+
+
+@pytest.fixture
+def thinking_client(tiny_chats, monkeypatch):
+    """A client for a stand-in GLM-4.5 model (tiny-glm4's weights and template, the glm45 family) whose generation
+    is scripted: the parts it streams and the raw reply it writes; yields (client, the settings each call got)."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    chat = dataclasses.replace(tiny_chats["builtin:tiny-glm4"], family="glm45")
+    seen = []
+
+    def stream_parts(messages, *, stop=None, usage=None, **settings):
+        seen.append(settings)
+        usage.update(prompt_tokens=1, completion_tokens=6, finish_reason="stop")
+        yield from [("reasoning", "3 加 4"), ("reasoning", " 是 7。"), ("answer", "等于"), ("answer", " 7。")]
+
+    def raw_reply(messages, *, tools=None, usage=None, **settings):
+        seen.append(settings)
+        usage.update(prompt_tokens=1, completion_tokens=30, finish_reason="stop")
+        return (
+            "\n<think>要查两个城市。</think>\n我来查一下。\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+            "<arg_value>北京</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>"
+            "\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>上海</arg_value>\n</tool_call>"
+        )
+
+    monkeypatch.setattr(chat, "stream_parts", stream_parts)
+    monkeypatch.setattr(chat, "raw_reply", raw_reply)
+    with TestClient(serve.create_app(chat)) as client:
+        yield client, seen
+
+
+def test_a_thinking_family_s_reasoning_comes_as_reasoning_content_whole_and_streamed(thinking_client):
+    client, seen = thinking_client
+    body = {"messages": [user("3+4?")], "chat_template_kwargs": {"enable_thinking": False}}
+    message = post(client, body).json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "等于 7。", "reasoning_content": "3 加 4 是 7。"}
+    assert seen[-1]["template_kwargs"] == {"enable_thinking": False}
+    chunks, _ = streamed(client, {"messages": [user("3+4?")]})
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert "".join(delta.get("reasoning_content") or "" for delta in deltas) == "3 加 4 是 7。"
+    assert streamed_text(chunks) == "等于 7。"
+    first_answer = next(index for index, delta in enumerate(deltas) if delta.get("content"))
+    assert all("reasoning_content" not in delta for delta in deltas[first_answer:])  # the reasoning comes first
+    assert seen[-1]["template_kwargs"] == {}
+
+
+def test_xml_tool_calls_come_back_as_several_tool_calls_with_the_reasoning(thinking_client):
+    client, _ = thinking_client
+    completion = post(client, {"messages": [user("北京和上海天气？")], "tools": TOOLS}).json()
+    choice = completion["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert (message["content"], message["reasoning_content"]) == ("我来查一下。", "要查两个城市。")
+    calls = [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in message["tool_calls"]]
+    assert calls == [("get_weather", {"city": "北京", "days": 2}), ("get_weather", {"city": "上海"})]
+    assert len({call["id"] for call in message["tool_calls"]}) == 2
+    chunks, _ = streamed(client, {"messages": [user("北京和上海天气？")], "tools": TOOLS})
+    indexes = [call["index"] for chunk in chunks if chunk["choices"] for call in chunk["choices"][0]["delta"].get(
+        "tool_calls", [])]  # fmt: skip
+    assert indexes == [0, 1] and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_assistant_history_keeps_its_reasoning_content():
+    messages = [user("3+4?"), {"role": "assistant", "content": "7", "reasoning_content": "3+4=7"}, user("再加 1？")]
+    assert serve.canonical_messages(messages)[1] == {"role": "assistant", "content": "7", "reasoning_content": "3+4=7"}
+    messages[1]["reasoning_content"] = None  # null: no reasoning, as OpenAI clients send it back
+    assert serve.canonical_messages(messages)[1] == {"role": "assistant", "content": "7"}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"chat_template_kwargs": "no"}, '"chat_template_kwargs" must be an object'),
+        ({"chat_template_kwargs": {"enable_thinking": "no"}}, '"chat_template_kwargs.enable_thinking" must be true'),
+        (
+            {"messages": [user("q"), {"role": "assistant", "content": "a", "reasoning_content": 3}, user("q")]},
+            "messages[1] has reasoning_content of type number; expected a string",
+        ),
+        (
+            {"messages": [user("q"), {"role": "assistant", "content": "a", "reasoning_content": "<|user|>"}]},
+            "messages[1] contains the control token <|user|>",
+        ),
+    ],
+)
+def test_bad_thinking_fields_get_400(clients, body, message):
+    response = post(clients["builtin:tiny-glm4"], {"messages": [user("q")], **body})
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
 def test_command_line_defaults_to_loopback_and_reads_the_key_from_the_environment(monkeypatch):
     monkeypatch.delenv(serve.API_KEY_VARIABLE, raising=False)
     args = serve.parse_args(["--adapter", "output/demo"])

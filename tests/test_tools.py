@@ -5,13 +5,21 @@ import ast
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import REPO, write_jsonl
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from glm_sft.data import DataError, read_conversations
 from glm_sft.template import IGNORE_INDEX
 from glm_sft.tokenization import encode_conversation
-from glm_sft.tools import MalformedCall, Reply, parse_reply
+from glm_sft.tools import (
+    MalformedCall,
+    ReasoningStream,
+    Reply,
+    ToolSession,
+    call_or_text,
+    parse_reply,
+    split_reasoning,
+)
 
 WEATHER = {
     "name": "get_weather",
@@ -289,6 +297,155 @@ def test_parse_reply_plain_text_and_text_before_a_call():
 def test_unreadable_calls_raise(reply, family, problem):
     with pytest.raises(MalformedCall, match=problem):
         parse_reply(reply, family)
+
+
+# ---- the newer generations: XML tool calls (GLM-4.5 and later) and a thinking family's reasoning ----
+
+# As the released templates write a call (glm_sft/templates/released): GLM-4.5 and 4.6 put a newline around each tag,
+# GLM-4.7 none; non-string values as JSON (ensure_ascii off), strings as they are.
+GLM45_TWO_CALLS = (
+    "\n<think>要查两个城市。</think>\n我来查一下。"
+    "\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北京</arg_value>\n"
+    "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
+    "\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>上海</arg_value>\n</tool_call>"
+)
+GLM47_TWO_CALLS = (
+    "<think>要查两个城市。</think>我来查一下。"
+    "<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value>"
+    "<arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+    "<tool_call>get_weather<arg_key>city</arg_key><arg_value>上海</arg_value></tool_call>"
+)
+TWO_WEATHER_CALLS = [
+    {"name": "get_weather", "arguments": {"city": "北京", "days": 3}},
+    {"name": "get_weather", "arguments": {"city": "上海"}},
+]
+
+
+@pytest.mark.parametrize(("family", "text"), [("glm45", GLM45_TWO_CALLS), ("glm46", GLM45_TWO_CALLS),
+                                               ("glm47", GLM47_TWO_CALLS)])  # fmt: skip
+def test_xml_calls_are_read_in_order_with_the_reasoning_and_text_apart(family, text):
+    assert parse_reply(text, family) == Reply("我来查一下。", TWO_WEATHER_CALLS, "要查两个城市。")
+
+
+def test_xml_values_that_are_json_become_json_values_and_strings_stay_strings():
+    values = {"n": 3, "x": 0.5, "ok": False, "none": None, "tags": ["a", "b"], "where": {"城市": "北京"}}
+    text = "<tool_call>f" + "".join(
+        f"<arg_key>{key}</arg_key><arg_value>{json.dumps(value, ensure_ascii=False)}</arg_value>"
+        for key, value in values.items()
+    )
+    text += "<arg_key>s</arg_key><arg_value>it's {not json</arg_value>"
+    text += "<arg_key>lines</arg_key><arg_value>a\n  b </arg_value></tool_call>"
+    (parsed,) = parse_reply(text, "glm47").calls
+    assert parsed == {"name": "f", "arguments": {**values, "s": "it's {not json", "lines": "a\n  b "}}
+
+
+def test_a_parameter_the_tools_type_as_string_stays_a_string_even_when_it_reads_as_json():
+    text = "<tool_call>calculator<arg_key>expression</arg_key><arg_value>42</arg_value></tool_call>"
+    assert parse_reply(text, "glm45").calls[0]["arguments"] == {"expression": 42}
+    assert parse_reply(text, "glm45", TOOLS).calls[0]["arguments"] == {"expression": "42"}
+
+
+def test_an_xml_call_with_no_arguments_and_a_reply_with_no_call():
+    assert parse_reply("<think></think>\n<tool_call>now\n</tool_call>", "glm45").calls == [
+        {"name": "now", "arguments": {}}
+    ]
+    assert parse_reply("\n<think>想</think>\n你好！", "glm45") == Reply("你好！", [], "想")
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京", "not closed"),  # cut at max_new_tokens
+        ("<tool_call><arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>", "no function name"),
+        (
+            "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>a</arg_key><arg_value>2</arg_value>"
+            "</tool_call>",
+            "passes a twice",
+        ),  # fmt: skip
+        ("<tool_call>f<arg_key>a</arg_key>1</tool_call>", "not <arg_key>/<arg_value> pairs"),
+        ("<tool_call>f</tool_call> 然后 <tool_call>g</tool_call>", "text between tool calls"),
+    ],
+)
+def test_malformed_xml_calls_raise_and_come_back_as_text(reply, problem):
+    with pytest.raises(MalformedCall, match=problem):
+        parse_reply(reply, "glm47")
+
+    class Chat:
+        family = "glm47"
+
+        def raw_reply(self, messages, **settings):
+            return "<think>想一想</think>" + reply
+
+    assert call_or_text(Chat(), [user("q")], TOOLS) == Reply(reply.strip(), [], "想一想")
+
+
+@pytest.mark.parametrize(
+    ("text", "in_reasoning", "expected"),
+    [
+        ("\n<think>\n先想一想。\n</think>\n\n答案是 4。", False, ("先想一想。", "答案是 4。")),  # GLM-4.5
+        ("<think>先想。</think>答案", False, ("先想。", "答案")),  # GLM-4.7, the prompt's <think> included
+        ("先想。</think>答案", False, ("先想。", "答案")),  # GLM-Z1 / 4.7 without the prompt's <think>
+        ("\n<think></think>\n答案", False, ("", "答案")),  # thinking off
+        ("</think>答案", False, ("", "答案")),  # GLM-4.7's prompt with thinking off
+        ("<think>想到一半", False, ("想到一半", "")),  # cut before </think>
+        ("想到一半", True, ("想到一半", "")),  # cut, the prompt having opened the block
+        ("\n答案，没有思考", False, ("", "答案，没有思考")),
+        ("答案 <think>x</think>", False, ("", "答案 <think>x</think>")),  # only a block at the start is reasoning
+    ],
+)
+def test_split_reasoning(text, in_reasoning, expected):
+    assert split_reasoning(text, in_reasoning) == expected
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 100])
+@pytest.mark.parametrize(
+    "text",
+    ["\n<think>\n先想 一想。 \n</think>\n\n答案 是 4。\n", "<think></think>答案", "</think>答案", "<think>想到一半 ",
+     "\n答案 <thin", "<thin", "\n\n"],
+)  # fmt: skip
+def test_streamed_reasoning_joins_to_the_whole_split_whatever_the_pieces(text, size):
+    stream = ReasoningStream()
+    parts = [part for start in range(0, len(text), size) for part in stream.feed(text[start : start + size])]
+    parts += stream.finish()
+    joined = {kind: "".join(piece for k, piece in parts if k == kind) for kind in ("reasoning", "answer")}
+    assert (joined["reasoning"], joined["answer"]) == split_reasoning(text)
+    assert all(kind in ("reasoning", "answer") and piece for kind, piece in parts)
+    kinds = [kind for kind, _ in parts]
+    assert kinds == sorted(kinds, key=("reasoning", "answer").index)  # the reasoning first, then the answer
+
+
+def test_a_family_without_thinking_streams_everything_as_answer():
+    stream = ReasoningStream(thinking=False)
+    assert stream.feed("\n<think>x</think> y ") + stream.finish() == [("answer", "<think>x</think> y")]
+
+
+def test_tool_session_answers_several_calls_and_keeps_the_reasoning_in_the_history(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"get_weather": {"weather": "晴"}}), encoding="utf-8")
+    raw = iter([GLM47_TWO_CALLS, "<think>都查到了。</think>北京和上海都晴。"])
+    seen = []
+
+    class Chat:
+        family = "glm47"
+
+        def raw_reply(self, messages, *, tools, **settings):
+            seen.append([dict(message) for message in messages])
+            return next(raw)
+
+    messages = [user("北京和上海天气？")]
+    session = ToolSession(str(REPO / "data" / "tools.json"), str(results))
+    assert session.answer(Chat(), messages) == Reply("北京和上海都晴。", [], "都查到了。")
+    calls = [call("get_weather", city="北京", days=3), call("get_weather", city="上海")]
+    assert messages == [
+        user("北京和上海天气？"),
+        {"role": "assistant", "content": "我来查一下。", "reasoning_content": "要查两个城市。", "tool_calls": calls},
+        tool('{"weather": "晴"}'),
+        tool('{"weather": "晴"}'),
+        {"role": "assistant", "content": "北京和上海都晴。", "reasoning_content": "都查到了。"},
+    ]
+    assert seen[1] == messages[:4]
+    printed = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in printed] == TWO_WEATHER_CALLS
 
 
 # ---- reading every input shape ----

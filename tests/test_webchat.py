@@ -120,6 +120,50 @@ def test_without_a_results_file_the_next_message_is_the_call_s_result(tiny_chat,
     assert seen[1][0][-1] == {"role": "tool", "content": '{"result": "56"}'}
 
 
+def test_a_thinking_family_s_reasoning_is_a_folded_bubble_apart_from_the_answer(tiny_chat, monkeypatch):
+    import dataclasses
+
+    chat = dataclasses.replace(tiny_chat, family="glm47")
+    parts = [("reasoning", "3 加 4"), ("reasoning", " 是 7。"), ("answer", "等于"), ("answer", " 7。")]
+
+    def stream_parts(messages, *, usage=None, **settings):
+        usage.update(prompt_tokens=1, completion_tokens=6, finish_reason="stop")
+        yield from parts
+
+    monkeypatch.setattr(chat, "stream_parts", stream_parts)
+    seen, conversation = states(WebChat(chat), "3+4?")
+    thinking = {"role": "assistant", "content": "3 加 4 是 7。", "metadata": {"title": webchat.THINKING_TITLE}}
+    assert conversation["shown"][1:] == [thinking, {"role": "assistant", "content": "等于 7。"}]
+    assert conversation["messages"][-1] == {
+        "role": "assistant",
+        "content": "等于 7。",
+        "reasoning_content": "3 加 4 是 7。",
+    }
+    assert ("3 加 4", GENERATING) in seen  # the reasoning grows in its bubble as it comes
+
+
+def test_several_calls_in_one_reply_each_get_their_result_before_the_model_goes_on(tiny_chat, monkeypatch):
+    import dataclasses
+
+    chat = dataclasses.replace(tiny_chat, family="glm47")
+    two_calls = (
+        "<think>两个城市。</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>"
+        "<tool_call>calculator<arg_key>expression</arg_key><arg_value>1+1</arg_value></tool_call>"
+    )
+    seen = scripted_model(chat, monkeypatch, two_calls, "<think></think>都好了。")
+    results = ToolSession("data/tools.json", "data/tool_results.json")
+    results.results = {"get_weather": TOOL_RESULTS["get_weather"]}  # calculator's result comes from the person
+    page_chat = WebChat(chat, results)
+    waiting, conversation = states(page_chat, "北京天气和 1+1？")
+    assert waiting[-1][1] == "The model called calculator: send its result as your next message."
+    assert [bubble.get("metadata", {}).get("title") for bubble in conversation["shown"][1:]] == [
+        "Thinking", "Tool call: get_weather", "Tool call: calculator", "Tool result: get_weather"]  # fmt: skip
+    answered, conversation = states(page_chat, "2", conversation)
+    assert [message["role"] for message in seen[1][0]] == ["user", "assistant", "tool", "tool"]
+    assert seen[1][0][1]["reasoning_content"] == "两个城市。" and len(seen[1][0][1]["tool_calls"]) == 2
+    assert conversation["shown"][-1] == {"role": "assistant", "content": "都好了。"}
+
+
 def test_a_message_holding_a_control_token_is_not_sent(tiny_chat):
     conversation = WebChat.new_conversation()
     (update,) = WebChat(tiny_chat).respond("你好<|user|>", conversation, "", 0, 0.8, 4)
