@@ -16,7 +16,7 @@ from pathlib import Path
 from glm_sft import UserError
 from glm_sft.template import THINKING_FAMILIES
 from glm_sft.tokenization import encode_chat
-from glm_sft.tools import ReasoningStream
+from glm_sft.tools import ReasoningStream, split_reasoning
 
 DEFAULT_CONTEXT = 4096  # for a config that does not say (max_position_embeddings)
 GENERATION_THREAD = "glm-sft-generate"  # the thread ChatModel.stream generates in
@@ -75,11 +75,7 @@ class ChatModel:
         """What a thinking family's generation prompt wrote after its last <|assistant|> (`<think>` for GLM-Z1 and
         GLM-4.7, `\n<think></think>` with thinking off): the start of the reply the model goes on with. "" for the
         other families, whose generation prompt is <|assistant|> alone."""
-        assistant = self.tokenizer.convert_tokens_to_ids("<|assistant|>")
-        if not self.thinks or assistant not in prompt_ids:
-            return ""
-        last = len(prompt_ids) - 1 - prompt_ids[::-1].index(assistant)
-        return self.tokenizer.decode(prompt_ids[last + 1 :], skip_special_tokens=False)
+        return generation_opening(self.tokenizer, prompt_ids) if self.thinks else ""
 
     def stream_parts(
         self, messages, *, tools=None, stop: threading.Event | None = None, usage: dict | None = None, **settings
@@ -165,8 +161,11 @@ class ChatModel:
         )
 
     def replies(self, prompts: list[dict], **settings) -> list[str]:
-        """Greedy replies to prompts ({"messages", optional "tools"}), batched: see generate_replies."""
-        return generate_replies(self.model, self.tokenizer, prompts, stop_ids=self.stop_ids, **settings)
+        """Greedy answers to prompts ({"messages", optional "tools"}), batched: see generate_replies."""
+        settings["template_kwargs"] = self.switches(settings.get("template_kwargs"))
+        return generate_replies(
+            self.model, self.tokenizer, prompts, stop_ids=self.stop_ids, family=self.family, **settings
+        )
 
 
 def fit_prompt(
@@ -201,6 +200,15 @@ def fit_prompt(
             "the prompt; shorten them or lower max_new_tokens"
         )
     return prefix + [ids[len(prefix)]] + ids[-room:], system + turns
+
+
+def generation_opening(tokenizer, prompt_ids: list[int]) -> str:
+    """What the generation prompt wrote after its last <|assistant|> (GLM-Z1's `\n<think>`, GLM-4.7's `<think>`)."""
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    if assistant not in prompt_ids:
+        return ""
+    last = len(prompt_ids) - 1 - prompt_ids[::-1].index(assistant)
+    return tokenizer.decode(prompt_ids[last + 1 :], skip_special_tokens=False)
 
 
 def encode_prompt(tokenizer, messages, tools=None, template_kwargs=None, *, generation_prompt=True) -> list[int]:
@@ -250,9 +258,12 @@ def generate_replies(
     batch_size: int = 8,
     synced_gpus: bool = False,
     progress: bool = False,
+    family: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[str]:
     """Greedy replies to `prompts` ({"messages", optional "tools"}), `batch_size` at a time, left-padded; each prompt
-    fitted to the context as fit_prompt does.
+    fitted to the context as fit_prompt does, with the template's switches `template_kwargs`. For a thinking `family`,
+    the answers alone (the reasoning split off, see glm_sft.tools.split_reasoning).
 
     synced_gpus: every process of a sharded model (DeepSpeed ZeRO-3, FSDP) calls this with the same prompts, and
     each keeps running forward passes until all are done, as the parameters are gathered collectively.
@@ -270,7 +281,10 @@ def generate_replies(
     batches = range(0, len(prompts), max(batch_size, 1))
     for start in tqdm(batches, desc="generating", unit="batch", disable=not progress, file=sys.stderr):
         batch = prompts[start : start + batch_size]
-        encoded = [fit_prompt(tokenizer, prompt["messages"], budget, prompt.get("tools"))[0] for prompt in batch]
+        encoded = [
+            fit_prompt(tokenizer, prompt["messages"], budget, prompt.get("tools"), template_kwargs)[0]
+            for prompt in batch
+        ]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
@@ -285,8 +299,12 @@ def generate_replies(
                 use_cache=True,  # training may have turned the cache off for gradient checkpointing
                 synced_gpus=synced_gpus,
             )
-        for row in output[:, width:].tolist():
-            replies.append(tokenizer.decode(cut_at_stop(row, stop_ids), skip_special_tokens=True).strip())
+        for ids, row in zip(encoded, output[:, width:].tolist(), strict=True):
+            if family in THINKING_FAMILIES:  # <think> may be a special token: kept to split the reasoning off
+                text = generation_opening(tokenizer, ids) + tokenizer.decode(cut_at_stop(row, stop_ids))
+                replies.append(split_reasoning(text)[1])
+            else:
+                replies.append(tokenizer.decode(cut_at_stop(row, stop_ids), skip_special_tokens=True).strip())
     return replies
 
 

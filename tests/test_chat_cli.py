@@ -197,3 +197,26 @@ def test_model_template_switches_reach_the_rendered_prompt(glm4_tokenizer, monke
     chat.prompt_ids([{"role": "user", "content": "hi"}])
     chat.prompt_ids([{"role": "user", "content": "hi"}], template_kwargs={"enable_thinking": True, "x": 1})
     assert seen == [{"enable_thinking": False}, {"enable_thinking": True, "x": 1}]
+
+
+def test_batched_generation_gives_a_thinking_family_s_answers_without_the_reasoning(glm4_tokenizer):
+    """evaluate and samples score the answer: for a thinking family the <think> block is split off."""
+    written = glm4_tokenizer.encode("\n<think>先算 3+4。</think>\n等于 7。", add_special_tokens=False)
+
+    class ThinkingModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.config = type("Config", (), {"max_position_embeddings": 256})()
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            reply = torch.tensor([[*written, kwargs["eos_token_id"][0]]] * input_ids.shape[0])
+            return torch.cat([input_ids, reply], dim=1)
+
+    prompts = [{"messages": [{"role": "user", "content": "3+4?"}]}]
+    stop = [glm4_tokenizer.convert_tokens_to_ids("<|user|>")]
+    settings = dict(stop_ids=stop, max_new_tokens=8, batch_size=1)
+    assert generate_replies(ThinkingModel(), glm4_tokenizer, prompts, family="glm45", **settings) == ["等于 7。"]
+    assert generate_replies(ThinkingModel(), glm4_tokenizer, prompts, **settings) == [
+        "<think>先算 3+4。</think>\n等于 7。"
+    ]
