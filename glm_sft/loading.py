@@ -14,8 +14,8 @@ from glm_sft.template import attach_template, check_explicit_template, detect_fa
 
 # Where the recipes put downloaded and converted weights (their header comments say how they get there).
 MODELS_FOLDER = "models"
-# ModelScope publishes THUDM's GLM checkpoints under ZhipuAI.
-MODELSCOPE_OWNERS = {"THUDM": "ZhipuAI"}
+# ModelScope publishes THUDM's and zai-org's GLM checkpoints under ZhipuAI.
+MODELSCOPE_OWNERS = {"THUDM": "ZhipuAI", "zai-org": "ZhipuAI"}
 HUB_PROBE_SECONDS = 3.0
 
 

@@ -11,7 +11,7 @@ from glm_sft.data import read_conversations
 def test_every_data_format_example_in_the_readme_loads(tmp_path):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     examples = re.findall(r"```json\n(.*?)\n```", readme, flags=re.S)
-    assert len(examples) == 9  # five plain formats, then one tool-calling conversation in four shapes
+    assert len(examples) == 11  # five plain formats, one tool-calling conversation in four shapes, reasoning in two
     firsts = []
     for index, example in enumerate(examples):
         path = tmp_path / f"example{index}.jsonl"
@@ -22,6 +22,9 @@ def test_every_data_format_example_in_the_readme_loads(tmp_path):
         assert roles[-1] == "assistant" and "user" in roles
         firsts.append(rows[0])
     tool_rows = firsts[5:9]
+    reasoning_rows = firsts[9:11]  # reasoning_content and inline <think>: the same canonical message
+    assert reasoning_rows[0]["messages"] == reasoning_rows[1]["messages"]
+    assert reasoning_rows[0]["messages"][-1]["reasoning_content"].startswith("12 + 7")
     assert all(
         row["tools"] == tool_rows[0]["tools"] and row["messages"] == tool_rows[0]["messages"] for row in tool_rows
     )

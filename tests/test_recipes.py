@@ -6,7 +6,19 @@ from conftest import REPO, assert_serves_the_trained_weights
 from glm_sft.arguments import parse_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-TINY_MODEL = {"glm4": "builtin:tiny-glm4", "glm3": "builtin:tiny-chatglm3"}
+# The tiny stand-in of each recipe's checkpoint, by the recipe's name.
+TINY_MODELS = [
+    ("glm4_0414", "builtin:tiny-glm4-0414"),
+    ("glmz1", "builtin:tiny-glmz1"),
+    ("glm45", "builtin:tiny-glm45"),
+    ("glm47_flash", "builtin:tiny-glm47-flash"),
+    ("glm4", "builtin:tiny-glm4"),
+    ("glm3", "builtin:tiny-chatglm3"),
+]
+
+
+def tiny_model(stem: str) -> str:
+    return next(model for prefix, model in TINY_MODELS if stem.startswith(prefix))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
@@ -38,9 +50,9 @@ def test_gpu_recipe_runs_two_steps_on_the_tiny_model(recipe, tmp_path, capfd, mo
 
     monkeypatch.chdir(REPO)
     output_dir = tmp_path / "out"
-    argv = ["--config", f"recipes/{recipe.name}", "--model_name_or_path", TINY_MODEL[recipe.stem[:4]], "--bf16"]
+    argv = ["--config", f"recipes/{recipe.name}", "--model_name_or_path", tiny_model(recipe.stem), "--bf16"]
     train.main(argv + ["false", "--max_steps", "2", "--eval_steps", "1", "--output_dir", str(output_dir)])
     captured = capfd.readouterr()
     assert "eval_loss" in captured.out + captured.err  # val_size held rows out and they were evaluated
     flag = "--model" if (output_dir / "config.json").exists() else "--adapter"  # full fine-tunes save a whole model
-    assert_serves_the_trained_weights(flag, output_dir, TINY_MODEL[recipe.stem[:4]], prompt="你好")
+    assert_serves_the_trained_weights(flag, output_dir, tiny_model(recipe.stem), prompt="你好")
