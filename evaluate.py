@@ -80,6 +80,8 @@ def main(argv=None):
         stop_ids=chat.stop_ids,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        family=chat.family,
+        template_kwargs=chat.template_kwargs,
     )
     for name, value in metrics.items():
         print(f"{name:>18}  {value}")

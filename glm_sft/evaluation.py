@@ -34,6 +34,8 @@ def predict(
     batch_size: int = 8,
     synced_gpus: bool = False,
     write: bool = True,
+    family: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> dict:
     """Replies for each row's last assistant turn, scored against it; writes predictions.jsonl and metrics.json.
 
@@ -52,6 +54,8 @@ def predict(
         batch_size=batch_size,
         synced_gpus=synced_gpus,
         progress=write,
+        family=family,  # a thinking family is scored on its answers, the reasoning left out
+        template_kwargs=template_kwargs,
     )
     metrics = score_replies(replies, references)
     if write:
@@ -81,7 +85,9 @@ def generation_sync(trainer, is_main: bool) -> bool | None:
     return sharded and trainer.args.world_size > 1
 
 
-def predict_after_training(trainer, rows: list[dict], output_dir, *, stop_ids, max_new_tokens: int) -> dict | None:
+def predict_after_training(
+    trainer, rows: list[dict], output_dir, *, stop_ids, max_new_tokens: int, family: str | None = None
+) -> dict | None:
     """do_predict: predict() with the trained model, batched by per_device_eval_batch_size. With a sharded model
     every process takes part; otherwise only the main one generates. The main process writes and gets the metrics."""
     is_main = trainer.is_world_process_zero()
@@ -99,4 +105,5 @@ def predict_after_training(trainer, rows: list[dict], output_dir, *, stop_ids, m
         batch_size=trainer.args.per_device_eval_batch_size,
         synced_gpus=synced_gpus,
         write=is_main,
+        family=family,
     )

@@ -15,7 +15,7 @@ from glm_sft.arguments import parse_recipe
 from glm_sft.data import read_datasets
 from glm_sft.loading import load_tokenizer
 from glm_sft.template import IGNORE_INDEX
-from glm_sft.tokenization import tokenize_dataset
+from glm_sft.tokenization import reasoning_samples, tokenize_dataset
 
 
 @dataclass
@@ -52,6 +52,8 @@ def main(argv=None):
     tokenizer, family = load_tokenizer(
         recipe.model.model_name_or_path, recipe.model.template, recipe.training.trust_remote_code
     )
+    if not recipe.data.last_turn_only:  # as training splits them (tokenization.reasoning_samples)
+        train_rows = reasoning_samples(train_rows, family)
     dataset = tokenize_dataset(
         train_rows[: options.n] if not options.json else train_rows,
         tokenizer,

@@ -187,7 +187,12 @@ class Run:
             return
         stop_ids, longest = self.generation_config.eos_token_id, self.recipe.training.predict_max_new_tokens
         metrics = predict_after_training(
-            self.trainer, self.eval_rows, self.output_dir, stop_ids=stop_ids, max_new_tokens=longest
+            self.trainer,
+            self.eval_rows,
+            self.output_dir,
+            stop_ids=stop_ids,
+            max_new_tokens=longest,
+            family=self.family,
         )
         if self.is_main:
             tracking.log_metrics(metrics, "predict", step=self.trainer.state.global_step)

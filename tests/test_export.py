@@ -9,10 +9,12 @@ from conftest import chat_once, run_script
 import export
 from glm_sft.loading import load_model
 
-FAMILIES = {"glm4": "builtin:tiny-glm4", "chatglm3": "builtin:tiny-chatglm3"}
+FAMILIES = {"glm4": "builtin:tiny-glm4", "chatglm3": "builtin:tiny-chatglm3", "glm45": "builtin:tiny-glm45"}
+CLASSES = {"glm4": "GlmForCausalLM", "chatglm3": "GlmForCausalLM", "glm45": "Glm4MoeForCausalLM"}  # MoE: merged too
 OFFICIAL_PROMPT = {
     "glm4": "[gMASK]<sop><|user|>\n你好<|assistant|>",
     "chatglm3": "[gMASK]sop<|user|>\n你好<|assistant|>",
+    "glm45": "[gMASK]<sop><|user|>\n你好<|assistant|>",
 }
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}],
@@ -93,7 +95,7 @@ def test_merged_export_gives_the_same_logits_and_replies_as_base_plus_adapter(lo
     with_adapter = PeftModel.from_pretrained(base, str(adapter))
     expected_logits, expected_replies = logits_and_replies(with_adapter, tokenizer)
     exported = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-    assert type(exported).__name__ == "GlmForCausalLM"
+    assert type(exported).__name__ == CLASSES[family]
     logits, replies = logits_and_replies(exported, tokenizer)
     assert replies == expected_replies
     for got, want, plain in zip(logits, expected_logits, base_logits, strict=True):
@@ -107,7 +109,7 @@ def test_export_directory_layout(lora_export):
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((out_dir / shard).is_file() for shard in shards)
     config = json.loads((out_dir / "config.json").read_text())
-    assert config["architectures"] == ["GlmForCausalLM"] and "auto_map" not in config
+    assert config["architectures"] == [CLASSES[family]] and "auto_map" not in config
     assert not (out_dir / "adapter_config.json").exists()
     generation = json.loads((out_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == json.loads((adapter / "generation_config.json").read_text())["eos_token_id"]
@@ -133,7 +135,7 @@ print(json.dumps({{"text": text, "class": type(model).__name__, "glm_sft": "glm_
     result = run_script("-c", code, cwd=out_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"text": OFFICIAL_PROMPT[family], "class": "GlmForCausalLM", "glm_sft": False}
+    assert report == {"text": OFFICIAL_PROMPT[family], "class": CLASSES[family], "glm_sft": False}
 
 
 def test_chat_cli_answers_from_the_export_as_from_the_adapter(lora_export):
