@@ -45,7 +45,7 @@ def copy_of(name: str, tmp_path: Path, edit=None) -> Path:
 
 
 def test_an_edited_template_stops_with_the_first_differing_characters(tmp_path):
-    edited = copy_of("builtin:tiny-glm4-0414", tmp_path, lambda text: text.replace("<|user|>\n", "<|user|>\n\n", 1))
+    edited = copy_of("builtin:tiny-glm4-0414", tmp_path, lambda text: text + "{{- ' edited' -}}")
     with pytest.raises(UserError) as error:
         load_tokenizer(str(edited))
     message = str(error.value)
@@ -55,7 +55,7 @@ def test_an_edited_template_stops_with_the_first_differing_characters(tmp_path):
 
 
 def test_naming_the_template_trains_in_our_format_with_a_warning(tmp_path, capsys):
-    edited = copy_of("builtin:tiny-glm45", tmp_path, lambda text: text.replace("<|user|>\n", "<|user|>\n\n", 1))
+    edited = copy_of("builtin:tiny-glm45", tmp_path, lambda text: text + "{{- ' edited' -}}")
     tokenizer, family = load_tokenizer(str(edited), template="glm45")
     assert family == "glm45"
     assert "warning: training in the glm45 format" in capsys.readouterr().err
