@@ -127,6 +127,8 @@ def run_worker(args, rows_count: int, num_proc: int, work: str) -> dict:
         max_length=None,
         assistant_only_loss=args.worker == "trl",
         dataloader_pin_memory=False,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
     )
     start = time.perf_counter()
     if args.worker == "ours":

@@ -289,27 +289,31 @@ def tokenize_dataset(
     """
     import contextlib
 
-    from datasets import Dataset
+    from datasets import Dataset, concatenate_datasets
 
     settings = dict(max_length=max_length, last_turn_only=last_turn_only, template_kwargs=template_kwargs)
     launched = training_args is not None and training_args.world_size > 1
     is_main = not launched or training_args.process_index == 0
     if not launched and (num_proc or 1) <= 1:
-        columns = {"input_ids": [], "labels": [], "source": [], "truncated": [], "length": [], "trained": []}
+        # Each batch becomes Arrow columns at once: the token lists of all rows are never Python objects together.
+        parts, sources, lengths, cuts, dropped = [], [], [], [], 0
         for begin in range(0, len(rows), ENCODE_BATCH_ROWS):
             batch = rows[begin : begin + ENCODE_BATCH_ROWS]
             encoded = _encode_batch(tokenizer, [(row["messages"], row.get("tools")) for row in batch], settings)
-            for key, values in encoded.items():
-                columns[key] += values
-            columns["source"] += [row.get("source", "") for row in batch]
-        keep = columns.pop("trained")
-        sources, lengths, cuts = columns["source"], columns.pop("length"), columns.pop("truncated")
-        dropped = len(keep) - sum(keep)
-        if dropped:
-            columns = {
-                key: [item for item, kept in zip(value, keep, strict=True) if kept] for key, value in columns.items()
-            }
-        dataset = Dataset.from_dict(columns)
+            batch_sources = [row.get("source", "") for row in batch]
+            sources += batch_sources
+            lengths += encoded["length"]
+            cuts += encoded["truncated"]
+            keep = encoded["trained"]
+            dropped += len(keep) - sum(keep)
+            columns = {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "source": batch_sources}
+            if any(keep):
+                kept = {
+                    key: [item for item, k in zip(value, keep, strict=True) if k] for key, value in columns.items()
+                }
+                parts.append(Dataset.from_dict(kept))
+        empty = {"input_ids": [], "labels": [], "source": []}
+        dataset = concatenate_datasets(parts) if parts else Dataset.from_dict(empty)
     else:
 
         def encode(batch):

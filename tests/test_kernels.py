@@ -140,7 +140,7 @@ def test_replacement_keeps_names_parameters_and_outputs(stand_in_liger):
         reference = copy.deepcopy(model)
         names = sorted(name for name, _ in model.named_parameters())
         counts = kernels.replace_modules(model)
-        assert counts["rms_norm"] == 2 * TINY["num_hidden_layers"] + 1 or name == "Glm4MoeLiteForCausalLM", counts
+        assert counts["rms_norm"] >= 2 * TINY["num_hidden_layers"] + 1, (name, counts)  # per layer, and the final
         assert counts["swiglu"] >= 1, (name, counts)
         assert sorted(name for name, _ in model.named_parameters()) == names  # checkpoints and LoRA targets unchanged
         expected = ["rms_norm", "swiglu"] + (

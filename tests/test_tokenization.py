@@ -31,6 +31,7 @@ def test_under_a_launch_the_other_processes_load_the_main_processs_tokens(glm4_t
         raise AssertionError("the second process tokenized again")
 
     monkeypatch.setattr(tokenization, "encode_conversation", must_not_tokenize)
+    monkeypatch.setattr(tokenization, "encode_conversations", must_not_tokenize)  # the batched path
     other = tokenize_dataset(rows, glm4_tokenizer, **{**settings, "training_args": launch_process(1)})
     assert other["input_ids"] == main["input_ids"] and other["labels"] == main["labels"]
     with pytest.raises(AssertionError, match="tokenized again"):  # other rows: other fingerprint, no cache hit
