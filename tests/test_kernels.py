@@ -170,3 +170,15 @@ def test_kernels_match_the_unpatched_model_on_gpu():
             if patched.grad is None and unpatched.grad is None:
                 continue
             torch.testing.assert_close(patched.grad, unpatched.grad, rtol=5e-2, atol=5e-2, msg=f"{name} {parameter}")
+
+
+def test_the_run_log_says_whether_the_kernels_are_in_place(tmp_path):
+    from glm_sft.run import build_run
+
+    argv = ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
+    summary = build_run([*argv, "--kernels", "true", "--sample_count", "0"]).summary()
+    line = next(line for line in summary.splitlines() if line.startswith("kernels:"))
+    if not torch.cuda.is_available():
+        assert line == "kernels: not in place: no CUDA device (Liger's Triton kernels need one)"
+    else:
+        assert "checked on the model" in line or "not in place" in line
