@@ -88,11 +88,11 @@ def test_repl_ctrl_c_during_a_reply_keeps_the_conversation_and_goes_on(monkeypat
     class InterruptedChat:
         family = "glm4"
 
-        def stream(self, messages, **settings):
+        def stream_parts(self, messages, **settings):  # (kind, piece) as ChatModel streams them
             calls.append([message["content"] for message in messages])
             if len(calls) == 1:
                 raise KeyboardInterrupt
-            yield "好的"
+            yield "answer", "好的"
 
     lines = iter(["第一个问题", "第二个问题", "exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

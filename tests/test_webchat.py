@@ -27,12 +27,14 @@ def tiny_chat():
 
 
 def states(page_chat, text, conversation=None, system="", max_tokens=12):
-    """(the last bubble's text, the status) at each update of a greedy reply, and the conversation at the end."""
+    """(the reply bubble's text, "" before it exists, the status) at each update of a greedy reply, and the
+    conversation at the end."""
     seen, latest = [], None
     for latest, status in page_chat.respond(
         text, conversation or WebChat.new_conversation(), system, 0, 0.8, max_tokens
     ):
-        seen.append((latest["shown"][-1]["content"], status))
+        last = latest["shown"][-1]  # the user's own message until the reply's first piece comes
+        seen.append((last["content"] if last["role"] == "assistant" else "", status))
     return seen, latest
 
 
