@@ -173,10 +173,11 @@ def test_kernels_match_the_unpatched_model_on_gpu():
 
 
 def test_the_run_log_says_whether_the_kernels_are_in_place(tmp_path):
+    from glm_sft.arguments import parse_recipe
     from glm_sft.run import build_run
 
     argv = ["--config", "recipes/demo.yaml", "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
-    summary = build_run([*argv, "--kernels", "true", "--sample_count", "0"]).summary()
+    summary = build_run(parse_recipe([*argv, "--kernels", "true", "--sample_count", "0"])).summary()
     line = next(line for line in summary.splitlines() if line.startswith("kernels:"))
     if not torch.cuda.is_available():
         assert line == "kernels: not in place: no CUDA device (Liger's Triton kernels need one)"
