@@ -157,8 +157,9 @@ def assert_serves_the_trained_weights(flag: str, output_dir, base_name: str, pro
         trained = chat.model(input_ids=ids).logits.float()
         base = load_model(base_name, dtype=torch.float32)(input_ids=ids).logits
     assert (trained - base).abs().max() > 1e-4, f"{output_dir} gives the logits of its untrained base {base_name}"
-    reply = chat.reply(messages, max_new_tokens=6)
-    assert reply.strip(), f"{output_dir} loads but answers nothing"
+    # All of it, reasoning included: 6 tokens of a thinking model may all be thinking (reply() gives the answer only).
+    reply = chat.raw_reply(messages, max_new_tokens=6)
+    assert reply.replace("<think>", "").replace("</think>", "").strip(), f"{output_dir} loads but answers nothing"
     return reply
 
 
