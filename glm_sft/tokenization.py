@@ -401,13 +401,26 @@ def reasoning_samples(rows: list[dict], family: str) -> list[dict]:
     becomes a sample of its own: the conversation up to the end of its round (GLM-4.5 and later: up to the next user
     message; GLM-Z1: up to the reply), only that round trained; in the full row those rounds are not trained again
     ("loss": false). Every trained token is then one the model produces at inference with that history. Reasoning for
-    a family without thinking is an error naming the rows.
+    a family without thinking, and tool rows for GLM-4-0414 / GLM-Z1 (whose template drops them), are errors naming
+    the rows.
     """
     from glm_sft.template import REASONING_KEPT
 
     def reasons(message):
         return message["role"] == "assistant" and bool(message.get("reasoning_content"))
 
+    if family in ("glm4_0414", "glmz1"):  # their template renders metadata turns only: OpenAI-style calls vanish
+        found = [
+            row.get("source", "?")
+            for row in rows
+            if row.get("tools") or any(m.get("tool_calls") for m in row["messages"])
+        ]
+        if found:
+            more = f" and {len(found) - 3} more rows" if len(found) > 3 else ""
+            raise UserError(
+                f"{', '.join(found[:3])}{more}: tool-calling rows, but the {family} template renders no tool calls "
+                "or results from them (it would train empty replies); leave these rows out for this model"
+            )
     if family not in REASONING_KEPT:
         found = [row.get("source", "?") for row in rows if any(map(reasons, row["messages"]))]
         if found:

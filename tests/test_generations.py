@@ -262,3 +262,16 @@ def test_the_reasoning_demo_thinks_then_answers_and_chat_shows_them_apart(tmp_pa
     thinking, _, answer = shown.partition("answer:")
     assert thinking.startswith("thinking:") and "个位" in thinking, shown
     assert "19" in answer and "个位" not in answer, shown
+
+
+def test_tool_rows_for_glm4_0414_stop_naming_the_rows():
+    row = {
+        "messages": [
+            {"role": "user", "content": "北京天气？"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w"}}]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "w"}}],
+        "source": "data/t.jsonl:2",
+    }
+    with pytest.raises(UserError, match=r"data/t.jsonl:2: tool-calling rows, but the glm4_0414 template renders no"):
+        reasoning_samples([row], "glm4_0414")
