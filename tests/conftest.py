@@ -157,10 +157,10 @@ def assert_serves_the_trained_weights(flag: str, output_dir, base_name: str, pro
         trained = chat.model(input_ids=ids).logits.float()
         base = load_model(base_name, dtype=torch.float32)(input_ids=ids).logits
     assert (trained - base).abs().max() > 1e-4, f"{output_dir} gives the logits of its untrained base {base_name}"
-    # All of it, reasoning included: 6 tokens of a thinking model may all be thinking (reply() gives the answer only).
-    reply = chat.raw_reply(messages, max_new_tokens=6)
-    assert reply.replace("<think>", "").replace("</think>", "").strip(), f"{output_dir} loads but answers nothing"
-    return reply
+    # All it writes, reasoning included: 6 tokens of a thinking model may all be thinking (reply() is the answer only).
+    written = chat.raw_reply(messages, max_new_tokens=6)
+    assert written.replace("<think>", "").replace("</think>", "").strip(), f"{output_dir} loads but answers nothing"
+    return chat.reply(messages, max_new_tokens=6)
 
 
 def mount_tmpfs(mount_point, options: str):

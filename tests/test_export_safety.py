@@ -10,6 +10,7 @@ import pytest
 from conftest import mount_tmpfs, train_in_process
 
 import export
+from glm_sft.loading import load_tokenizer
 
 SOURCE_FILES = ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json", "tokenizer.json")
 
@@ -114,5 +115,8 @@ def test_the_exported_card_shows_the_rows_the_run_used(adapter, tmp_path):
     checkpoint.mkdir(parents=True)
     for name in SOURCE_FILES:
         shutil.copy(adapter / name, (checkpoint if name.startswith("adapter") else checkpoint.parent) / name)
-    card = export.model_card(checkpoint, {"dataset_name": "d.jsonl"}, {"base": "b"}, "glm4", "fp32")
+    tokenizer, family = load_tokenizer("builtin:tiny-glm4")
+    card = export.model_card(
+        checkpoint, {"dataset_name": "d.jsonl"}, {"base": "b"}, family, "fp32", tokenizer, "GlmForCausalLM"
+    )
     assert "- training data: d.jsonl (80 rows)" in card
