@@ -275,3 +275,35 @@ def test_tool_rows_for_glm4_0414_stop_naming_the_rows():
     }
     with pytest.raises(UserError, match=r"data/t.jsonl:2: tool-calling rows, but the glm4_0414 template renders no"):
         reasoning_samples([row], "glm4_0414")
+
+
+@pytest.mark.parametrize(
+    "name", [name for name in BUILTIN_FAMILIES if BUILTIN_FAMILIES[name][0] not in ("glm4", "chatglm3")]
+)
+def test_labels_are_exactly_the_templates_generated_spans_token_by_token(name):
+    """Every family's tokens: the trained ids are the ids of the template's generation spans and nothing else, and
+    the ids of the whole row are the tokenizer's ids of the rendered text."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tokenizer, family = load_tokenizer(name)
+    messages = (
+        MULTI_TURN
+        if family in THINKING_FAMILIES
+        else [{k: v for k, v in m.items() if k != "reasoning_content"} for m in MULTI_TURN]
+    )
+    encoded = encode_conversation(tokenizer, messages)
+    rendered, spans = render_jinja_template(
+        [messages], chat_template=tokenizer.chat_template, return_assistant_tokens_mask=True, close_final_turn=True
+    )
+    text = rendered[0]
+    assert encoded["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    trained = [(token, label) for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True)]
+    assert all(label in (IGNORE_INDEX, token) for token, label in trained)
+    runs, current = [], []
+    for token, label in trained:  # the trained runs, in order
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, current], []
+    runs += [current] if current else []
+    assert [tokenizer.decode(run) for run in runs] == [text[start:end] for start, end in spans[0]]
