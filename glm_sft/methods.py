@@ -146,14 +146,12 @@ def build_peft_config(model_args):
     return None
 
 
-# The mixture-of-experts families (GLM-4.5 and later). On them PEFT (0.21, for transformers v5 models) turns `all`
-# into LoRA on the attention, the routed experts' 3-D weights and the router, and its LoRA on 3-D weights has no
-# dropout.
-MOE_FAMILIES = ("glm45", "glm46", "glm47")
-
-
 def check_moe_lora(model_args, family: str) -> None:
-    """Stop before the weights load when LoRA on a mixture-of-experts model asks for dropout PEFT cannot give."""
+    """Stop before the weights load when LoRA on a mixture-of-experts model asks for dropout PEFT cannot give: on them
+    PEFT (0.21, for transformers v5 models) turns `all` into LoRA on the attention, the routed experts' 3-D weights
+    and the router, and its LoRA on 3-D weights has no dropout."""
+    from glm_sft.template import MOE_FAMILIES
+
     if family in MOE_FAMILIES and model_args.finetuning_type in ("lora", "qlora") and model_args.lora_dropout:
         raise UserError(
             f"lora_dropout is {model_args.lora_dropout}, but on a mixture-of-experts model ({family} format) PEFT's "

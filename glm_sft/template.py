@@ -26,7 +26,16 @@ MODEL_TYPE_FAMILIES = {
     "glm4_moe": ("glm45", "glm46", "glm47"),  # Glm4MoeForCausalLM
     "glm4_moe_lite": ("glm47",),  # Glm4MoeLiteForCausalLM: GLM-4.7-Flash
 }
-NEWER_MODEL_TYPES = ("glm4", "glm4_moe", "glm4_moe_lite")
+# The generations after GLM-4-9B: their shipped template is probe-checked, and results ship it.
+NEWER_FAMILIES = tuple(family for family in FAMILIES if family not in MODEL_TYPE_FAMILIES["glm"])
+NEWER_MODEL_TYPES = tuple(
+    kind for kind, families in MODEL_TYPE_FAMILIES.items() if set(families) <= set(NEWER_FAMILIES)
+)
+# The mixture-of-experts generations (GLM-4.5 and later, Flash included).
+MOE_FAMILIES = tuple(dict.fromkeys(MODEL_TYPE_FAMILIES["glm4_moe"] + MODEL_TYPE_FAMILIES["glm4_moe_lite"]))
+# The families whose template (the GLM-Z1 copy, and ours for GLM-4-0414 after it) renders no calls or results from
+# canonical tool rows.
+NO_TOOL_ROW_FAMILIES = ("glm4_0414", "glmz1")
 # GLM-4's 14 added tokens, which every later generation keeps with the same spelling and order (ids 151329-151342
 # in the released tokenizers).
 _GLM4_TOKENS = [
@@ -128,22 +137,21 @@ def detect_family(tokenizer, override: str = "auto", model_type: str | None = No
             )
         return override
     shipped = shipped_template(tokenizer)
-    if model_type in NEWER_MODEL_TYPES:
-        if not shipped:  # a base checkpoint: its generation's first format
-            return candidates[0]
-        differences = {family: template_difference(shipped, family, tokenizer) for family in candidates}
-        matching = [family for family, difference in differences.items() if difference is None]
-        if matching:
+    if model_type in NEWER_MODEL_TYPES and not shipped:  # a base checkpoint: its generation's first format
+        return candidates[0]
+    if model_type in NEWER_MODEL_TYPES or (model_type is None and shipped):
+        # The newer generations by the template they ship; with no model type at hand (an adapter or export whose
+        # base is elsewhere) every newer family is tried, and a template that is none of them falls through.
+        differences = {
+            family: template_difference(shipped, family, tokenizer) for family in candidates or NEWER_FAMILIES
+        }
+        if matching := [family for family, difference in differences.items() if difference is None]:
             return matching[0]
-        raise UserError(_probe_message(tokenizer, candidates[0], differences[candidates[0]]))
-    if model_type is None and shipped:  # an adapter or export whose base is not at hand: its template tells
-        newer = [family for family in FAMILIES if family not in ("glm4", "chatglm3")]
-        matching = [family for family in newer if template_difference(shipped, family, tokenizer) is None]
-        if matching:
-            return matching[0]
+        if candidates:
+            raise UserError(_probe_message(tokenizer, candidates[0], differences[candidates[0]]))
     vocab = tokenizer.get_vocab()
     if "[gMASK]" in vocab:
-        for family in ("glm4", "chatglm3"):
+        for family in MODEL_TYPE_FAMILIES["glm"]:
             if FAMILY_MARKERS[family] in vocab:
                 return family
     raise UserError(
@@ -160,7 +168,7 @@ def shipped_template(tokenizer) -> str | None:
 def check_explicit_template(tokenizer, family: str) -> str | None:
     """For a `template` the user named: a warning when the checkpoint ships a template that renders otherwise."""
     shipped = shipped_template(tokenizer)
-    if not shipped or family in ("glm4", "chatglm3"):
+    if not shipped or family not in NEWER_FAMILIES:
         return None
     difference = template_difference(shipped, family, tokenizer)
     if difference is None:
@@ -249,7 +257,7 @@ def save_tokenizer(tokenizer, family: str, folder) -> None:
     one (it passed the probe check, or the user chose our format over it), else with ours."""
     ours = tokenizer.chat_template
     shipped = shipped_template(tokenizer)
-    own = shipped and family not in ("glm4", "chatglm3")
+    own = shipped and family in NEWER_FAMILIES
     tokenizer.chat_template = shipped if own else ours
     try:
         tokenizer.save_pretrained(folder)

@@ -19,7 +19,7 @@ from functools import cache
 from glm_sft import UserError
 from glm_sft.template import IGNORE_INDEX
 
-TRUNCATED_ROWS_SHOWN = 3  # the report names the first few truncated rows (file:line and full length)
+ROWS_SHOWN = 3  # reports and errors name the first few rows (file:line), then how many more
 ENCODE_BATCH_ROWS = 1000  # rows whose text pieces go to the tokenizer in one batch
 
 
@@ -359,9 +359,7 @@ def tokenize_dataset(
     if is_main:
         report = f"{name}: {len(dataset)} rows used, {len(truncated)} truncated to max_length={max_length}"
         if truncated:
-            shown = ", ".join(truncated[:TRUNCATED_ROWS_SHOWN])
-            more = len(truncated) - TRUNCATED_ROWS_SHOWN
-            report += f" ({shown}{f' and {more} more' if more > 0 else ''})"
+            report += f" ({_first_rows(truncated)})"
         if dropped:
             report += f", {dropped} dropped because truncation left no trained token (raise max_length)"
         print(report, file=sys.stderr)
@@ -404,29 +402,27 @@ def reasoning_samples(rows: list[dict], family: str) -> list[dict]:
     a family without thinking, and tool rows for GLM-4-0414 / GLM-Z1 (whose template drops them), are errors naming
     the rows.
     """
-    from glm_sft.template import REASONING_KEPT
+    from glm_sft.template import NO_TOOL_ROW_FAMILIES, REASONING_KEPT
 
     def reasons(message):
         return message["role"] == "assistant" and bool(message.get("reasoning_content"))
 
-    if family in ("glm4_0414", "glmz1"):  # their template renders metadata turns only: OpenAI-style calls vanish
+    if family in NO_TOOL_ROW_FAMILIES:
         found = [
             row.get("source", "?")
             for row in rows
             if row.get("tools") or any(m.get("tool_calls") for m in row["messages"])
         ]
         if found:
-            more = f" and {len(found) - 3} more rows" if len(found) > 3 else ""
             raise UserError(
-                f"{', '.join(found[:3])}{more}: tool-calling rows, but the {family} template renders no tool calls "
+                f"{_first_rows(found)}: tool-calling rows, but the {family} template renders no tool calls "
                 "or results from them (it would train empty replies); leave these rows out for this model"
             )
     if family not in REASONING_KEPT:
         found = [row.get("source", "?") for row in rows if any(map(reasons, row["messages"]))]
         if found:
-            more = f" and {len(found) - 3} more rows" if len(found) > 3 else ""
             raise UserError(
-                f"{', '.join(found[:3])}{more}: assistant messages with reasoning (reasoning_content or "
+                f"{_first_rows(found)}: assistant messages with reasoning (reasoning_content or "
                 f"<think>...</think>), but the {family} format has no thinking; train a thinking model (GLM-Z1, "
                 "GLM-4.5 and later) or remove the reasoning"
             )
@@ -440,6 +436,12 @@ def reasoning_samples(rows: list[dict], family: str) -> list[dict]:
             samples.append({**row, "messages": _trained_only(messages[:end], rounds, {end})})
         samples.append({**row, "messages": _trained_only(messages, rounds, set(split), keep=False)} if split else row)
     return samples
+
+
+def _first_rows(names: list[str]) -> str:
+    """The first ROWS_SHOWN names (file:line), and how many more there are."""
+    more = len(names) - ROWS_SHOWN
+    return ", ".join(names[:ROWS_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 def _rounds(messages: list[dict], kept: str) -> list[int | None]:
