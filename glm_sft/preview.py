@@ -52,8 +52,7 @@ def main(argv=None):
     tokenizer, family = load_tokenizer(
         recipe.model.model_name_or_path, recipe.model.template, recipe.training.trust_remote_code
     )
-    if not recipe.data.last_turn_only:  # as training splits them (tokenization.reasoning_samples)
-        train_rows = reasoning_samples(train_rows, family)
+    train_rows = reasoning_samples(train_rows, family, recipe.data.last_turn_only)  # as training splits them
     dataset = tokenize_dataset(
         train_rows[: options.n] if not options.json else train_rows,
         tokenizer,

@@ -323,8 +323,10 @@ def check_eval_data(training, eval_rows) -> None:
 def tokenized_datasets(recipe: Recipe, tokenizer, family: str, train_rows, eval_rows):
     """(train, eval or None) datasets of input_ids and labels, as the trainer gets them; rows with reasoning the
     template drops from history are split first (tokenization.reasoning_samples)."""
-    if not recipe.data.last_turn_only:  # else only the final reply trains, and it keeps its reasoning
-        train_rows, eval_rows = (reasoning_samples(rows, family) if rows else rows for rows in (train_rows, eval_rows))
+    last_turn_only = recipe.data.last_turn_only
+    train_rows, eval_rows = (
+        reasoning_samples(rows, family, last_turn_only) if rows else rows for rows in (train_rows, eval_rows)
+    )
     settings = dict(
         tokenizer=tokenizer,
         max_length=recipe.training.max_length,

@@ -391,7 +391,7 @@ def _cache_file(rows: list[dict], tokenizer, settings: dict):
     return folder / f"{settings['name']}-{hasher.hexdigest()}.arrow"
 
 
-def reasoning_samples(rows: list[dict], family: str) -> list[dict]:
+def reasoning_samples(rows: list[dict], family: str, last_turn_only: bool = False) -> list[dict]:
     """The rows as the family trains them: a row whose reasoning the template would drop from its history is split.
 
     The thinking templates drop the reasoning of earlier turns (template.REASONING_KEPT), so in one rendering of a
@@ -400,7 +400,8 @@ def reasoning_samples(rows: list[dict], family: str) -> list[dict]:
     message; GLM-Z1: up to the reply), only that round trained; in the full row those rounds are not trained again
     ("loss": false). Every trained token is then one the model produces at inference with that history. Reasoning for
     a family without thinking, and tool rows for GLM-4-0414 / GLM-Z1 (whose template drops them), are errors naming
-    the rows.
+    the rows. With `last_turn_only` nothing is split (only the final reply trains, and it keeps its reasoning); the
+    errors stay.
     """
     from glm_sft.template import NO_TOOL_ROW_FAMILIES, REASONING_KEPT
 
@@ -426,6 +427,8 @@ def reasoning_samples(rows: list[dict], family: str) -> list[dict]:
                 f"<think>...</think>), but the {family} format has no thinking; train a thinking model (GLM-Z1, "
                 "GLM-4.5 and later) or remove the reasoning"
             )
+        return rows
+    if last_turn_only:
         return rows
     samples = []
     for row in rows:

@@ -124,6 +124,9 @@ def test_reasoning_for_a_family_without_thinking_names_the_rows():
     rows = [{"messages": MULTI_TURN, "source": "data/r.jsonl:4"}]
     with pytest.raises(UserError, match=r"data/r.jsonl:4: assistant messages with reasoning .* glm4 format has no"):
         reasoning_samples(rows, "glm4")
+    with pytest.raises(UserError, match="glm4 format has no thinking"):  # training only the last turn changes nothing
+        reasoning_samples(rows, "glm4", last_turn_only=True)
+    assert reasoning_samples(rows, "glm45", last_turn_only=True) == rows  # the final reply keeps its reasoning
 
 
 def test_every_trained_token_of_a_split_row_is_what_the_model_writes_with_that_history():
