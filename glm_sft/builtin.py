@@ -1,9 +1,9 @@
 """The embedded tiny models, one per GLM generation: `builtin:tiny-glm4`, `builtin:tiny-chatglm3`,
-`builtin:tiny-glm4-0414`, `builtin:tiny-glmz1`, `builtin:tiny-glm45` (MoE) and `builtin:tiny-glm47-flash` (MoE with
-multi-head latent attention).
+`builtin:tiny-glm4-0414`, `builtin:tiny-glmz1`, `builtin:tiny-glm45` (MoE), `builtin:tiny-glm47-flash` (MoE with
+multi-head latent attention) and `builtin:tiny-glm5` (GLM-5: MoE, latent attention and the DSA indexer).
 
 Each is transformers' native class for its generation (GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM,
-Glm4MoeLiteForCausalLM) at a tiny size, with a byte-level BPE tokenizer trained on the bundled data that carries the
+Glm4MoeLiteForCausalLM, GlmMoeDsaForCausalLM) at a tiny size, with a byte-level BPE tokenizer trained on the bundled data that carries the
 family's special tokens, chat template and stop tokens. The newer generations ship the released template text, as their
 checkpoints do (so the start-up check of the shipped template runs on them too); the two older ones ship ours. They
 stand in for the real checkpoints wherever there is no GPU or no network (the demo recipe, the tests). Built offline
@@ -66,8 +66,7 @@ for _name, _family, _architecture in [
         "family": _family,
         "special_tokens": SPECIAL_TOKENS[_family],
         "architecture": _architecture,
-        # GLM-4-0414's released text was not found (templates/released/SOURCES.md): that model ships ours.
-        "released_template": _family != "glm4_0414",
+        "released_template": True,
     }
 # Small enough to train on a laptop CPU in a minute, big enough to memorise the demo data.
 MODEL_SIZE = {
@@ -87,6 +86,7 @@ ARCHITECTURES = {
     "glm4": "Glm4ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+    "glm_moe_dsa": "GlmMoeDsaForCausalLM",
 }
 # The mixture-of-experts generations at the same width: 8 routed experts (2 per token) and 1 shared one; the first
 # layer dense, as in the released models.
@@ -102,6 +102,9 @@ MOE_SIZE = {
 }
 # GLM-4.7-Flash's multi-head latent attention, scaled down (the released ranks are 768 / 512, heads 192 + 64).
 MLA_SIZE = {"q_lora_rank": 96, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 64}
+# GLM-5's DSA indexer, scaled down (released: 32 heads of 128, the top 2048 keys): at 64 keys it selects on the
+# longer demo rows too.
+DSA_SIZE = {"index_n_heads": 2, "index_head_dim": 32, "index_topk": 64}
 VOCAB_SIZE = 6000
 
 
@@ -145,7 +148,7 @@ def _corpus_texts() -> list[str]:
 
 def _fingerprint(name: str) -> str:
     digest = hashlib.sha256()
-    sizes = [MODEL_SIZE, MOE_SIZE, MLA_SIZE, VOCAB_SIZE]
+    sizes = [MODEL_SIZE, MOE_SIZE, MLA_SIZE, DSA_SIZE, VOCAB_SIZE]
     digest.update(json.dumps([BUILD_VERSION, SEED, name, FAMILY_SPECS[name], sizes]).encode())
     digest.update(_shipped_template(FAMILY_SPECS[name]).encode())
     for file_name in CORPUS_FILES:
@@ -217,13 +220,18 @@ def _model(spec: dict, tokenizer, stop_ids: list[int]):
             **MODEL_SIZE, **MOE_SIZE, **common, attention_bias=True, use_qk_norm=True, num_nextn_predict_layers=0
         )
         config.rope_parameters["partial_rotary_factor"] = MODEL_SIZE["partial_rotary_factor"]
-    else:  # glm4_moe_lite
+    else:  # glm4_moe_lite and glm_moe_dsa: latent attention, the first layer dense
         size = {key: value for key, value in MODEL_SIZE.items() if key not in ("head_dim", "partial_rotary_factor")}
         layers = ["dense"] * MOE_SIZE["first_k_dense_replace"]
         layers += ["sparse"] * (size["num_hidden_layers"] - len(layers))
         moe = {key: value for key, value in MOE_SIZE.items() if key != "first_k_dense_replace"}
         size["num_key_value_heads"] = size["num_attention_heads"]  # latent attention: no grouped KV heads
-        config = transformers.Glm4MoeLiteConfig(**size, **moe, **MLA_SIZE, **common, mlp_layer_types=layers)
+        if architecture == "glm4_moe_lite":
+            config = transformers.Glm4MoeLiteConfig(**size, **moe, **MLA_SIZE, **common, mlp_layer_types=layers)
+        else:
+            config = transformers.GlmMoeDsaConfig(
+                **size, **moe, **MLA_SIZE, **DSA_SIZE, **common, mlp_layer_types=layers
+            )
     torch.manual_seed(SEED)
     return getattr(transformers, ARCHITECTURES[architecture])(config)
 

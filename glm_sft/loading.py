@@ -10,7 +10,7 @@ from pathlib import Path
 
 from glm_sft import UserError
 from glm_sft.builtin import builtin_path, is_builtin
-from glm_sft.template import attach_template, check_explicit_template, detect_family
+from glm_sft.template import attach_template, detect_family, shipped_template_warning
 
 # Where the recipes put downloaded and converted weights (their header comments say how they get there).
 MODELS_FOLDER = "models"
@@ -112,14 +112,14 @@ def _from_pretrained(loader, name: str, location: str, **kwargs):
 def load_tokenizer(model_name_or_path: str, template: str = "auto", trust_remote_code: bool = False):
     """The tokenizer with its family's chat template attached; returns (tokenizer, family).
 
-    The family comes from the checkpoint's model type and the template its tokenizer ships (template.detect_family);
+    The family comes from the template its tokenizer ships and the checkpoint's model type (template.detect_family);
     a `template` the user names wins, with a warning when the shipped template renders otherwise."""
     from transformers import AutoTokenizer
 
     location = resolve_model_path(model_name_or_path, needs="tokenizer_config.json")
     tokenizer = _from_pretrained(AutoTokenizer, model_name_or_path, location, trust_remote_code=trust_remote_code)
     family = detect_family(tokenizer, template, model_type=checkpoint_model_type(location))
-    if template != "auto" and (warning := check_explicit_template(tokenizer, family)):
+    if warning := shipped_template_warning(tokenizer, family, explicit=template != "auto"):
         print(warning, file=sys.stderr)
     attach_template(tokenizer, family)
     return tokenizer, family

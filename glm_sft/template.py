@@ -33,9 +33,10 @@ NEWER_MODEL_TYPES = tuple(
 )
 # The mixture-of-experts generations (GLM-4.5 and later, Flash included).
 MOE_FAMILIES = tuple(dict.fromkeys(MODEL_TYPE_FAMILIES["glm4_moe"] + MODEL_TYPE_FAMILIES["glm4_moe_lite"]))
-# The families whose template (the GLM-Z1 copy, and ours for GLM-4-0414 after it) renders no calls or results from
-# canonical tool rows.
-NO_TOOL_ROW_FAMILIES = ("glm4_0414", "glmz1")
+# The families whose released template reads tool calls and results only in GLM's native form (an assistant message
+# with the function name as `metadata`, an `observation` message), not `tool_calls` / `tool`: canonical rows are
+# turned into that form before they are rendered (native_messages).
+NATIVE_TOOL_FAMILIES = ("glm4_0414", "glmz1")
 # GLM-4's 14 added tokens, which every later generation keeps with the same spelling and order (ids 151329-151342
 # in the released tokenizers).
 _GLM4_TOKENS = [
@@ -118,14 +119,49 @@ FAMILY_MARKERS = {"glm4": "<sop>", "chatglm3": "sop"}
 IGNORE_INDEX = -100
 
 
+# Model types whose chat template has not been found: a checkpoint of one stops with what is known, whatever it ships.
+UNSUPPORTED_MODEL_TYPES = {
+    "glm5_next": "GLM-5.3-Flash (Glm5NextForConditionalGeneration, multimodal): its released chat template has not been "
+    "found, so its format cannot be checked or trained exactly; it is not supported yet",
+}
+# The older generations' model types: their checkpoints' own templates are not stored here, so a template that is
+# none of ours does not stop them; their tokenizer's tokens decide (glm4 or chatglm3).
+OLDER_MODEL_TYPES = ("chatglm", "glm")
+# Released variants of a family's template that render other text, as (line in ours, line in the variant's
+# training-ready text): GLM-4-0414's tokenizer_config.json form writes a space after a call's metadata, where its
+# chat_template.jinja (which transformers 5 loads first) writes none (released/SOURCES.md).
+TEMPLATE_VARIANTS = {
+    "glm4_0414": {"tokenizer_config": ("{%- set metadata_end = '\\n' -%}", "{%- set metadata_end = ' \\n' -%}")},
+}
+
+
 @cache
-def family_template(family: str) -> str:
-    return (TEMPLATE_DIR / f"{family}.jinja").read_text(encoding="utf-8")
+def family_template(family: str, variant: str | None = None) -> str:
+    """Our training-ready template of the family, or of one of its released variants (TEMPLATE_VARIANTS)."""
+    text = (TEMPLATE_DIR / f"{family}.jinja").read_text(encoding="utf-8")
+    if variant is None:
+        return text
+    ours, theirs = TEMPLATE_VARIANTS[family][variant]
+    if text.count(ours) != 1:
+        raise RuntimeError(f"templates/{family}.jinja lost the line {ours!r} its {variant} variant replaces")
+    return text.replace(ours, theirs)
+
+
+def training_templates(family: str) -> list[tuple[str | None, str]]:
+    """(variant, text) of every training-ready template of the family: ours first, then its released variants."""
+    return [(None, family_template(family))] + [
+        (variant, family_template(family, variant)) for variant in TEMPLATE_VARIANTS.get(family, {})
+    ]
 
 
 def detect_family(tokenizer, override: str = "auto", model_type: str | None = None) -> str:
-    """The chat format to train in: `override` when it names one, else from the checkpoint's model type and the
-    template its tokenizer ships (for the newer generations), else from the tokenizer's special tokens."""
+    """The chat format to train in: `override` when it names one; else the family whose template renders the
+    template the checkpoint ships identically on the probes, whatever its model type; else, for a checkpoint that
+    ships none (a base checkpoint), its model type's first family, or the tokenizer's tokens for the older
+    generations. Nothing falls back silently: a shipped template that matches no family, and a model type we do not
+    list with no template, stop with what to do."""
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise UserError(f"{tokenizer.name_or_path} is a {model_type} checkpoint, {UNSUPPORTED_MODEL_TYPES[model_type]}")
     candidates = MODEL_TYPE_FAMILIES.get(model_type)
     if override != "auto":
         if override not in FAMILIES:
@@ -137,27 +173,53 @@ def detect_family(tokenizer, override: str = "auto", model_type: str | None = No
             )
         return override
     shipped = shipped_template(tokenizer)
-    if model_type in NEWER_MODEL_TYPES and not shipped:  # a base checkpoint: its generation's first format
+    if shipped:
+        # The model type's own families first, so GLM-5 (GLM-4.7's text) is glm5 and an unknown type is glm47.
+        order = list(dict.fromkeys([*(candidates or ()), *FAMILIES]))
+        mismatches = {}
+        for family in order:
+            mismatch = _template_mismatch(shipped, family, tokenizer)
+            if mismatch is None:
+                return family
+            mismatches[family] = mismatch
+        if model_type not in OLDER_MODEL_TYPES:
+            pool = candidates or FAMILIES
+            nearest = max(pool, key=lambda family: mismatches[family][0])
+            raise UserError(_probe_message(tokenizer, nearest, mismatches[nearest][1], model_type))
+    elif model_type in NEWER_MODEL_TYPES:  # a base checkpoint: its generation's first format
         return candidates[0]
-    if model_type in NEWER_MODEL_TYPES or (model_type is None and shipped):
-        # The newer generations by the template they ship; with no model type at hand (an adapter or export whose
-        # base is elsewhere) every newer family is tried, and a template that is none of them falls through.
-        differences = {
-            family: template_difference(shipped, family, tokenizer) for family in candidates or NEWER_FAMILIES
-        }
-        if matching := [family for family, difference in differences.items() if difference is None]:
-            return matching[0]
-        if candidates:
-            raise UserError(_probe_message(tokenizer, candidates[0], differences[candidates[0]]))
+    elif model_type is not None and model_type not in MODEL_TYPE_FAMILIES:
+        could_be = _families_by_vocabulary(tokenizer)
+        raise UserError(
+            f"{tokenizer.name_or_path} is a {model_type} checkpoint, a model type glm-sft does not know, and its "
+            f"tokenizer ships no chat template to tell its format by; by its tokens it could be "
+            f"{', '.join(could_be) or 'none of the GLM formats'}: set template: to the one it was released with"
+        )
+    if family := _older_vocabulary(tokenizer):
+        return family
+    raise UserError(
+        f"the tokenizer of {tokenizer.name_or_path} is not a GLM tokenizer (no [gMASK]/<sop> or [gMASK]/sop tokens); "
+        f"set template to one of {', '.join(FAMILIES)} if it really is one"
+    )
+
+
+def _older_vocabulary(tokenizer) -> str | None:
+    """glm4 or chatglm3 by the tokens only one of their tokenizers has, else None."""
     vocab = tokenizer.get_vocab()
     if "[gMASK]" in vocab:
         for family in MODEL_TYPE_FAMILIES["glm"]:
             if FAMILY_MARKERS[family] in vocab:
                 return family
-    raise UserError(
-        f"the tokenizer of {tokenizer.name_or_path} is not a GLM tokenizer (no [gMASK]/<sop> or [gMASK]/sop tokens); "
-        f"set template to one of {', '.join(FAMILIES)} if it really is one"
-    )
+    return None
+
+
+def _families_by_vocabulary(tokenizer) -> list[str]:
+    """The families whose special tokens the tokenizer all has, the latest tokenizer's only (GLM-4.5's tokens hold
+    GLM-4's)."""
+    vocab = tokenizer.get_vocab()
+    fitting = [family for family in FAMILIES if all(token in vocab for token in SPECIAL_TOKENS[family])]
+    most = max((len(SPECIAL_TOKENS[family]) for family in fitting), default=0)
+    return [family for family in fitting if len(SPECIAL_TOKENS[family]) == most]
 
 
 def shipped_template(tokenizer) -> str | None:
@@ -165,16 +227,17 @@ def shipped_template(tokenizer) -> str | None:
     return getattr(tokenizer, "shipped_chat_template", tokenizer.chat_template)
 
 
-def check_explicit_template(tokenizer, family: str) -> str | None:
-    """For a `template` the user named: a warning when the checkpoint ships a template that renders otherwise."""
+def shipped_template_warning(tokenizer, family: str, explicit: bool) -> str | None:
+    """A warning when the checkpoint ships a template that renders otherwise than the family's: a `template` the user
+    named, or an older generation told by its tokens (detect_family stops every other such case)."""
     shipped = shipped_template(tokenizer)
-    if not shipped or family not in NEWER_FAMILIES:
+    if not explicit and family not in MODEL_TYPE_FAMILIES["glm"]:  # detected by its template: it matches
         return None
-    difference = template_difference(shipped, family, tokenizer)
-    if difference is None:
+    if not shipped or (difference := template_difference(shipped, family, tokenizer)) is None:
         return None
+    chosen = "as `template` asks" if explicit else "(from the tokenizer's tokens)"
     return (
-        f"warning: training in the {family} format as `template` asks, although the template shipped with "
+        f"warning: training in the {family} format {chosen}, although the template shipped with "
         f"{tokenizer.name_or_path} renders otherwise ({difference})"
     )
 
@@ -186,17 +249,94 @@ def probe_conversations() -> list[dict]:
     return json.loads((TEMPLATE_DIR / "probes.json").read_text(encoding="utf-8"))
 
 
+def family_of_template(chat_template: str | None) -> str | None:
+    """The family one of our training-ready templates (or a variant of one) belongs to; None for any other text."""
+    return _templates_by_text().get(chat_template)
+
+
+@cache
+def _templates_by_text() -> dict[str, str]:
+    by_text = {}
+    for family in FAMILIES:
+        for _variant, text in training_templates(family):
+            by_text.setdefault(text, family)
+    return by_text
+
+
+def native_messages(messages: list[dict], family: str) -> list[dict]:
+    """The messages as a NATIVE_TOOL_FAMILIES template reads them: every call of an assistant message's `tool_calls`
+    an assistant turn of its own (`metadata` the function name, content the JSON arguments), each `tool` result an
+    `observation` turn right after its call, as the model generates them (call, result, call, result; the message's
+    own text, if any, a turn before its first call). Other families' messages, and messages already native, are
+    returned as they are."""
+    if family not in NATIVE_TOOL_FAMILIES or not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return messages
+    turns, waiting = [], []  # waiting: the calls of the last assistant message after the first, each after a result
+    for message in messages:
+        if message["role"] == "tool":
+            turns.append({"role": "observation", "content": message.get("content", "")})
+            if waiting:
+                turns.append(waiting.pop(0))
+            continue
+        turns += waiting
+        waiting = []
+        calls = message.get("tool_calls") if message["role"] == "assistant" else None
+        if not calls:
+            turns.append(message)
+            continue
+        shared = {key: message[key] for key in ("loss",) if key in message}
+        if _text(message.get("content")).strip():
+            turns.append({key: value for key, value in message.items() if key != "tool_calls"})
+        for index, tool_call in enumerate(calls):
+            call = tool_call.get("function", tool_call)
+            arguments = call.get("arguments", {})
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            turn = {"role": "assistant", "metadata": call["name"], "content": arguments, **shared}
+            (turns if index == 0 else waiting).append(turn)
+    return turns + waiting
+
+
+def _text(content) -> str:
+    return content if isinstance(content, str) else ""
+
+
 def template_difference(shipped: str, family: str, tokenizer=None) -> str | None:
-    """None when `shipped` renders every probe of `family` as our template does (transformers' way: jinja with
-    trim_blocks and lstrip_blocks; with and without the generation prompt), else where they first differ."""
+    """None when `shipped` renders every probe of `family` as one of our templates of it does (transformers' way:
+    jinja with trim_blocks and lstrip_blocks; with and without the generation prompt), else where they first
+    differ."""
+    mismatch = _template_mismatch(shipped, family, tokenizer)
+    return None if mismatch is None else mismatch[1]
+
+
+def matching_variant(shipped: str | None, family: str, tokenizer=None) -> str | None:
+    """Which training-ready variant of the family renders `shipped` (None: ours, also when none does)."""
+    if shipped:
+        for variant, ours in training_templates(family)[1:]:
+            if _first_mismatch(shipped, ours, family, tokenizer) is None:
+                return variant
+    return None
+
+
+def _template_mismatch(shipped: str, family: str, tokenizer=None) -> tuple[tuple, str] | None:
+    """None when one of the family's training-ready templates renders like `shipped`; else (how far the nearest
+    agrees, as a sortable key, where it differs)."""
+    mismatches = []
+    for _variant, ours in training_templates(family):
+        mismatch = _first_mismatch(shipped, ours, family, tokenizer)
+        if mismatch is None:
+            return None
+        mismatches.append(mismatch)
+    return max(mismatches, key=lambda mismatch: mismatch[0])
+
+
+def _first_mismatch(shipped: str, ours: str, family: str, tokenizer=None) -> tuple[tuple, str] | None:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    ours = family_template(family)
     tokens = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
-    for probe in probe_conversations():
-        if "families" in probe and family not in probe["families"]:
-            continue
-        messages = probe["messages"]
+    probes = [probe for probe in probe_conversations() if "families" not in probe or family in probe["families"]]
+    for number, probe in enumerate(probes):
+        messages = native_messages(probe["messages"], family)
         cuts = [(messages, False)]
         if messages[-1]["role"] == "assistant":
             last_user = max(index for index, message in enumerate(messages) if message["role"] != "assistant")
@@ -220,13 +360,17 @@ def template_difference(shipped: str, family: str, tokenizer=None) -> str | None
                     texts.append(f"<rendering failed: {type(error).__name__}: {error}>")
             if texts[0] != texts[1]:
                 where = "generation prompt" if generation_prompt else "whole conversation"
-                return f"probe {probe['name']!r} ({where}): {_first_difference(*texts)}"
+                at = _difference_at(*texts)
+                return (number, at), f"probe {probe['name']!r} ({where}): {_first_difference(*texts, at)}"
     return None
 
 
-def _first_difference(shipped: str, ours: str, context: int = 30) -> str:
+def _difference_at(shipped: str, ours: str) -> int:
     pairs = enumerate(zip(shipped, ours, strict=False))
-    at = next((index for index, (a, b) in pairs if a != b), min(len(shipped), len(ours)))
+    return next((index for index, (a, b) in pairs if a != b), min(len(shipped), len(ours)))
+
+
+def _first_difference(shipped: str, ours: str, at: int, context: int = 30) -> str:
     start = max(0, at - context)
     return (
         f"at character {at} the shipped template gives {shipped[start : at + context]!r} "
@@ -234,9 +378,11 @@ def _first_difference(shipped: str, ours: str, context: int = 30) -> str:
     )
 
 
-def _probe_message(tokenizer, family: str, difference: str) -> str:
+def _probe_message(tokenizer, family: str, difference: str, model_type: str | None = None) -> str:
+    kind = f" (a {model_type} checkpoint)" if model_type else ""
     return (
-        f"the chat template shipped with {tokenizer.name_or_path} is not the released {family} format: {difference}. "
+        f"the chat template shipped with {tokenizer.name_or_path}{kind} is none of the released formats; nearest is "
+        f"{family}: {difference}. "
         f"Restore the checkpoint's released tokenizer_config.json / chat_template.jinja, or set template: {family} to "
         "train in the released format anyway"
     )
@@ -247,7 +393,8 @@ def attach_template(tokenizer, family: str) -> None:
     the template it shipped with stays in `shipped_chat_template`, for the output directory."""
     if not hasattr(tokenizer, "shipped_chat_template"):
         tokenizer.shipped_chat_template = tokenizer.chat_template
-    tokenizer.chat_template = family_template(family)
+    # A checkpoint shipping a released variant of the format (GLM-4-0414's tokenizer_config form) trains in it.
+    tokenizer.chat_template = family_template(family, matching_variant(tokenizer.shipped_chat_template, family, tokenizer))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 

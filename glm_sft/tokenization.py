@@ -111,6 +111,9 @@ def _encode_chats(
     text pieces of all of them encoded in one batch."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    from glm_sft.template import family_of_template, native_messages
+
+    family = family_of_template(tokenizer.chat_template)  # GLM-4-0414 / GLM-Z1 read tool rows in the native form
     spellings = _control_spellings(tokenizer)
     pattern = _control_pattern(spellings)
     control_ids = _control_ids(tokenizer, spellings)
@@ -118,9 +121,10 @@ def _encode_chats(
     layouts, texts = [], []  # per conversation: (its text pieces, its control tokens, its spans); all text pieces
     for messages, tools in conversations:
         # As apply_chat_template does: keys whose value is None are left out (`"content": null` beside tool calls).
-        marked = _mark(
-            [{key: value for key, value in message.items() if value is not None} for message in messages], spellings
+        messages = native_messages(
+            [{key: value for key, value in message.items() if value is not None} for message in messages], family
         )
+        marked = _mark(messages, spellings)
         rendered, spans = render_jinja_template(
             conversations=[marked],
             tools=_mark(tools, spellings) if tools else None,
@@ -399,26 +403,19 @@ def reasoning_samples(rows: list[dict], family: str, last_turn_only: bool = Fals
     becomes a sample of its own: the conversation up to the end of its round (GLM-4.5 and later: up to the next user
     message; GLM-Z1: up to the reply), only that round trained; in the full row those rounds are not trained again
     ("loss": false). Every trained token is then one the model produces at inference with that history. Reasoning for
-    a family without thinking, and tool rows for GLM-4-0414 / GLM-Z1 (whose template drops them), are errors naming
-    the rows. With `last_turn_only` nothing is split (only the final reply trains, and it keeps its reasoning); the
-    errors stay.
+    a family without thinking is an error naming the rows. With `last_turn_only` nothing is split (only the final
+    reply trains, and it keeps its reasoning); the error stays.
     """
-    from glm_sft.template import NO_TOOL_ROW_FAMILIES, REASONING_KEPT
+    from glm_sft.template import NATIVE_TOOL_FAMILIES, REASONING_KEPT
 
     def reasons(message):
         return message["role"] == "assistant" and bool(message.get("reasoning_content"))
 
-    if family in NO_TOOL_ROW_FAMILIES:
-        found = [
-            row.get("source", "?")
-            for row in rows
-            if row.get("tools") or any(m.get("tool_calls") for m in row["messages"])
-        ]
-        if found:
-            raise UserError(
-                f"{_first_rows(found)}: tool-calling rows, but the {family} template renders no tool calls "
-                "or results from them (it would train empty replies); leave these rows out for this model"
-            )
+    def splits(message):
+        # GLM-Z1 renders a call as `<|assistant|>{name}\n{arguments}`, with no reasoning: its template drops the
+        # reasoning of a call turn wherever the row ends, so such a turn is not split off.
+        return reasons(message) and not (family in NATIVE_TOOL_FAMILIES and message.get("tool_calls"))
+
     if family not in REASONING_KEPT:
         found = [row.get("source", "?") for row in rows if any(map(reasons, row["messages"]))]
         if found:
@@ -434,7 +431,7 @@ def reasoning_samples(rows: list[dict], family: str, last_turn_only: bool = Fals
     for row in rows:
         messages = row["messages"]
         rounds = _rounds(messages, REASONING_KEPT[family])
-        split = sorted({rounds[i] for i, message in enumerate(messages) if reasons(message) and rounds[i] is not None})
+        split = sorted({rounds[i] for i, message in enumerate(messages) if splits(message) and rounds[i] is not None})
         for end in split:
             samples.append({**row, "messages": _trained_only(messages[:end], rounds, {end})})
         samples.append({**row, "messages": _trained_only(messages, rounds, set(split), keep=False)} if split else row)

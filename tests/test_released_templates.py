@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from glm_sft.template import NATIVE_TOOL_FAMILIES, native_messages
+
 TEMPLATES = Path(__file__).resolve().parent.parent / "glm_sft" / "templates"
-# glm4_0414 is missing: its released text was not found (released/SOURCES.md).
-FAMILIES = ("glm45", "glm46", "glm47", "glmz1")
+FAMILIES = ("glm4_0414", "glm45", "glm46", "glm47", "glmz1")
 HYBRID_THINKING = ("glm45", "glm46", "glm47")
 PROBES = json.loads((TEMPLATES / "probes.json").read_text(encoding="utf-8"))
 # The bytes of each stored released text, so that an edit to the data shows (SOURCES.md says where each came from).
 RELEASED_SHA256 = {
+    "glm4_0414": "db700f25fa300e53634c6fc78dee86b7fbd6d27e624edb855b18a4078c83a822",
     "glm45": "44f815868bf02fa458dd2f741a338046f4bf45f398eb6d067766726b9d96cce3",
     "glm46": "46786fd637de2728b41928ac3b6983e2d8a04706e51778de031fa933eb6f566f",
     "glm47": "d63ad536c3c81880043e22ec7fd08db42b4d8fb7c89c7138bc562bfa25281375",
@@ -49,7 +51,9 @@ EXTRA_CONVERSATIONS = [
             {"role": "user", "content": "again"},
             {"role": "assistant", "content": "encore"},
         ],
-        "families": ["glm45", "glm46", "glm47"],  # GLM-Z1's released text splits the content: a string only
+        # GLM-Z1's released text splits the content: a string only; GLM-4-0414's writes a list as Python text
+        "families": ["glm45", "glm46", "glm47"],
+        "refused_by": ["glmz1"],
     },
     {
         "name": "tool_results_as_a_list",
@@ -65,6 +69,7 @@ EXTRA_CONVERSATIONS = [
             {"role": "assistant", "content": "Sunny and windy."},
         ],
         "families": ["glm45", "glm46", "glm47"],
+        "refused_by": ["glmz1"],
     },
     {
         "name": "conversation_ending_on_a_tool_result",
@@ -91,10 +96,12 @@ def released(family: str) -> str:
     return (TEMPLATES / "released" / f"{family}.jinja").read_text(encoding="utf-8")
 
 
-def render(chat_template, conversation, **kwargs):
+def render(chat_template, conversation, family=None, **kwargs):
     """The text and the generation spans as strings, rendered as apply_chat_template renders (keys set to None left
-    out, as encode_chat leaves them out)."""
+    out, as encode_chat leaves them out; tool rows in GLM-4-0414's / GLM-Z1's native form for those families, as
+    encode_chat gives them)."""
     messages = [{key: value for key, value in message.items() if value is not None} for message in conversation]
+    messages = native_messages(messages, family)
     rendered, spans = render_jinja_template(
         conversations=[messages], chat_template=chat_template, return_assistant_tokens_mask=True, **kwargs
     )
@@ -125,7 +132,7 @@ def test_every_probe_is_well_formed():
     assert len(names) == len(set(names))
     for probe in PROBES:
         assert set(probe) <= {"name", "messages", "tools", "template_kwargs", "families"}, probe["name"]
-        assert set(probe.get("families", FAMILIES)) <= set(FAMILIES) | {"glm4_0414"}, probe["name"]
+        assert set(probe.get("families", FAMILIES)) <= set(FAMILIES), probe["name"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,15 +145,16 @@ def test_our_text_equals_the_released_text(family, conversation):
             **conversation.get("template_kwargs", {}),
             **extra,
         }
-        if not applies(conversation, family):  # the released template refuses it: the reason it is left out
-            with pytest.raises(Exception):  # noqa: B017 (whatever jinja raises)
-                render(released(family), conversation["messages"], **kwargs)
+        if not applies(conversation, family):
+            if family in conversation.get("refused_by", ()):  # the released template refuses it: why it is left out
+                with pytest.raises(Exception):  # noqa: B017 (whatever jinja raises)
+                    render(released(family), conversation["messages"], family, **kwargs)
             continue
-        expected, _ = render(released(family), conversation["messages"], **kwargs)
-        ours, _ = render(template(family), conversation["messages"], close_final_turn=False, **kwargs)
+        expected, _ = render(released(family), conversation["messages"], family, **kwargs)
+        ours, _ = render(template(family), conversation["messages"], family, close_final_turn=False, **kwargs)
         assert ours == expected, (prompt, extra)
         if not prompt:  # without close_final_turn at all, as a tokenizer's apply_chat_template renders it
-            assert render(template(family), conversation["messages"], **kwargs)[0] == expected
+            assert render(template(family), conversation["messages"], family, **kwargs)[0] == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,16 +163,20 @@ def test_closing_the_final_turn_only_appends_its_end_token(family, conversation)
     if not applies(conversation, family):
         return
     tools, kwargs = conversation.get("tools"), conversation.get("template_kwargs", {})
-    expected, _ = render(released(family), conversation["messages"], tools=tools, **kwargs)
-    closed, spans = render(template(family), conversation["messages"], tools=tools, close_final_turn=True, **kwargs)
+    expected, _ = render(released(family), conversation["messages"], family, tools=tools, **kwargs)
+    closed, spans = render(
+        template(family), conversation["messages"], family, tools=tools, close_final_turn=True, **kwargs
+    )
     messages = conversation["messages"]
-    if family == "glmz1":  # its template renders these roles only, and calls as metadata turns
+    native = family in NATIVE_TOOL_FAMILIES
+    if native:  # their templates render these roles only, and calls as metadata turns
+        messages = native_messages(messages, family)
         messages = [message for message in messages if message["role"] in ("user", "assistant", "observation")]
     last = messages[-1]
     if last["role"] != "assistant":
         assert closed == expected
         return
-    called = bool(last.get("metadata") if family == "glmz1" else last.get("tool_calls"))
+    called = bool(last.get("metadata") if native else last.get("tool_calls"))
     end = "<|observation|>" if called else "<|user|>"
     if family == "glmz1" and last.get("reasoning_content") and not called:
         # GLM-Z1 trains a final reply's reasoning as the model writes it after its prompt <|assistant|>\n<think>,
@@ -178,10 +190,13 @@ def test_closing_the_final_turn_only_appends_its_end_token(family, conversation)
         assert closed == expected + end
     assert spans[-1].endswith(end) and closed.endswith(spans[-1])
     # with a generation prompt nothing is closed: the released text comes out
-    prompted, _ = render(released(family), conversation["messages"], tools=tools, add_generation_prompt=True, **kwargs)
+    prompted, _ = render(
+        released(family), conversation["messages"], family, tools=tools, add_generation_prompt=True, **kwargs
+    )
     ours, _ = render(
         template(family),
         conversation["messages"],
+        family,
         tools=tools,
         add_generation_prompt=True,
         close_final_turn=True,
@@ -236,18 +251,30 @@ EXPECTED_SPANS = {
         "Got it.</think>Sunny.<|user|>",
     ],
     ("glm47", "two_rounds"): ["A1<|user|>", "R2</think>A2<|user|>"],
+    # GLM-4-0414 and GLM-Z1: each call a turn of its own, ended by the <|observation|> of its result; GLM-Z1 trains
+    # the final reply's reasoning after the <|assistant|>\n<think> of its generation prompt, and no call's.
+    ("glm4_0414", "tool_turns"): [
+        'get_weather\n{"city": "Paris", "days": 2}<|observation|>',
+        "get_weather\n{}<|observation|>",
+        "\nSunny.<|user|>",
+    ],
+    ("glmz1", "tool_turns"): [
+        'get_weather\n{"city": "Paris", "days": 2}<|observation|>',
+        "get_weather\n{}<|observation|>",
+        "Got it.</think>\nSunny.<|user|>",
+    ],
 }
 SPAN_CONVERSATIONS = {"tool_turns": TOOL_TURNS, "two_rounds": TWO_ROUNDS}
 
 
 @pytest.mark.parametrize(("family", "name"), sorted(EXPECTED_SPANS))
 def test_generation_spans_are_what_the_model_writes_and_its_end_token(family, name):
-    text, spans = render(template(family), SPAN_CONVERSATIONS[name], close_final_turn=True)
+    text, spans = render(template(family), SPAN_CONVERSATIONS[name], family, close_final_turn=True)
     assert spans == EXPECTED_SPANS[family, name]
     # each span starts right after an <|assistant|> token (GLM-4.7: after the <think> / </think> its generation
-    # prompt writes), and every <|assistant|> is followed by one
+    # prompt writes; GLM-Z1's final reply: after its \n<think>), and every <|assistant|> is followed by one
     assert text.count("<|assistant|>") == len(spans)
-    prompt_part = ("<think>", "</think>") if family == "glm47" else ("",)
+    prompt_part = {"glm47": ("<think>", "</think>"), "glmz1": ("", "\n<think>")}.get(family, ("",))
     for piece in text.split("<|assistant|>")[1:]:
         assert any(piece.startswith(opening + span) for span in spans for opening in prompt_part)
 
