@@ -281,3 +281,31 @@ def test_the_older_generations_are_told_apart_by_their_tokens_and_a_different_te
         capsys.readouterr().err
     )
     assert load_tokenizer("builtin:tiny-glm4")[1] == "glm4" and not capsys.readouterr().err
+
+
+def test_the_tokenizer_config_variant_renders_its_released_text_on_every_probe():
+    """Our tokenizer_config variant against that released form, rendered the transformers way: every probe, with
+    and without the generation prompt; the stored bytes are the copy SOURCES.md names."""
+    import hashlib
+
+    from glm_sft.template import family_template, probe_conversations
+
+    data = (RELEASED / "glm4_0414.tokenizer_config.jinja").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == "854b703e44ca06bdb196cc471c728d15dbab61e744fe6cdce980086b61646ed1"
+    ours = family_template("glm4_0414", "tokenizer_config")
+    calls = 0
+    for probe in probe_conversations():
+        if "families" in probe and "glm4_0414" not in probe["families"]:
+            continue
+        messages = native_messages(probe["messages"], "glm4_0414")
+        calls += sum(bool(message.get("metadata")) for message in messages)
+        for prompt in (False, True):
+            texts = [
+                render_jinja_template(
+                    [messages], tools=probe.get("tools"), chat_template=template, add_generation_prompt=prompt
+                )[0][0]
+                for template in (data.decode("utf-8"), ours)
+            ]
+            assert texts[0] == texts[1], probe["name"]
+    assert calls >= 4  # the probes hold calls, where the two forms differ
+    assert ours != family_template("glm4_0414")
