@@ -8,16 +8,22 @@ from glm_sft import UserError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 # glm4: glm-4-9b-chat (and -hf); chatglm3: ChatGLM3-6B; glm4_0414: GLM-4-9B/32B-0414; glmz1: GLM-Z1-9B/32B-0414
-# (reasoning); glm45: GLM-4.5 and GLM-4.5-Air; glm46: GLM-4.6; glm47: GLM-4.7 and GLM-4.7-Flash.
-FAMILIES = ("glm4", "chatglm3", "glm4_0414", "glmz1", "glm45", "glm46", "glm47")
+# (reasoning); glm45: GLM-4.5 and GLM-4.5-Air; glm46: GLM-4.6; glm47: GLM-4.7 and GLM-4.7-Flash; glm5, glm51, glm52:
+# GLM-5, GLM-5.1 and GLM-5.2 (glm5 is GLM-4.7's text, byte for byte, so it renders with glm47's template).
+FAMILIES = ("glm4", "chatglm3", "glm4_0414", "glmz1", "glm45", "glm46", "glm47", "glm5", "glm51", "glm52")
 # Families whose format has the model think first (`<think>...</think>` before the answer) and that read assistant
 # messages' `reasoning_content`; families whose tool calls are XML (`<tool_call>name<arg_key>k</arg_key>...`).
-THINKING_FAMILIES = ("glmz1", "glm45", "glm46", "glm47")
-XML_TOOL_FAMILIES = ("glm45", "glm46", "glm47")
+THINKING_FAMILIES = ("glmz1", "glm45", "glm46", "glm47", "glm5", "glm51", "glm52")
+XML_TOOL_FAMILIES = ("glm45", "glm46", "glm47", "glm5", "glm51", "glm52")
 # Which assistant turns keep their reasoning when the template renders a conversation: GLM-4.5 and later keep it for
-# the turns after the last user message (earlier ones get an empty <think></think>); GLM-Z1 only for the final one
-# (its template strips reasoning from history).
-REASONING_KEPT = {"glmz1": "final turn", **dict.fromkeys(("glm45", "glm46", "glm47"), "after last user")}
+# the turns after the last user message (earlier ones get <think></think>, or GLM-4.7, 5 and 5.1 a bare </think>; all
+# of it with clear_thinking=false); GLM-Z1 only for the final one (its template strips reasoning from history).
+# GLM-5.1's per-user-turn choice (thinking_indices) only picks <think></think> or </think> for an earlier turn
+# without reasoning when clear_thinking=false: by default its earlier reasoning is dropped like GLM-4.7's.
+REASONING_KEPT = {
+    "glmz1": "final turn",
+    **dict.fromkeys(("glm45", "glm46", "glm47", "glm5", "glm51", "glm52"), "after last user"),
+}
 # Which families a checkpoint's model type can be; the first is the one a checkpoint without a chat template gets.
 MODEL_TYPE_FAMILIES = {
     "chatglm": ("glm4", "chatglm3"),  # remote-code checkpoints: told apart by their tokenizer's tokens
@@ -25,14 +31,21 @@ MODEL_TYPE_FAMILIES = {
     "glm4": ("glm4_0414", "glmz1"),  # Glm4ForCausalLM
     "glm4_moe": ("glm45", "glm46", "glm47"),  # Glm4MoeForCausalLM
     "glm4_moe_lite": ("glm47",),  # Glm4MoeLiteForCausalLM: GLM-4.7-Flash
+    "glm_moe_dsa": ("glm5", "glm51", "glm52"),  # GlmMoeDsaForCausalLM: GLM-5, 5.1 and 5.2
 }
+# Families that render with another family's template file (the same released text).
+TEMPLATE_FILES = {"glm5": "glm47"}
 # The generations after GLM-4-9B: their shipped template is probe-checked, and results ship it.
 NEWER_FAMILIES = tuple(family for family in FAMILIES if family not in MODEL_TYPE_FAMILIES["glm"])
 NEWER_MODEL_TYPES = tuple(
     kind for kind, families in MODEL_TYPE_FAMILIES.items() if set(families) <= set(NEWER_FAMILIES)
 )
-# The mixture-of-experts generations (GLM-4.5 and later, Flash included).
-MOE_FAMILIES = tuple(dict.fromkeys(MODEL_TYPE_FAMILIES["glm4_moe"] + MODEL_TYPE_FAMILIES["glm4_moe_lite"]))
+# The mixture-of-experts generations (GLM-4.5 and later, Flash and GLM-5 included).
+MOE_FAMILIES = tuple(
+    dict.fromkeys(
+        MODEL_TYPE_FAMILIES["glm4_moe"] + MODEL_TYPE_FAMILIES["glm4_moe_lite"] + MODEL_TYPE_FAMILIES["glm_moe_dsa"]
+    )
+)
 # The families whose released template reads tool calls and results only in GLM's native form (an assistant message
 # with the function name as `metadata`, an `observation` message), not `tool_calls` / `tool`: canonical rows are
 # turned into that form before they are rendered (native_messages).
@@ -56,7 +69,8 @@ _GLM4_TOKENS = [
     "<|end_of_video|>",
 ]
 # GLM-4.5's tokenizer (shared by 4.6, 4.7 and 4.7-Flash) adds audio, code, thinking, tool and box tokens after them
-# (ids 151343-151364).
+# (ids 151343-151364). GLM-5, 5.1 and 5.2 are given the same: their templates write no other special token (5.2's
+# <reminder> and 5.1's <tools> in a tool_reference result are text).
 _GLM45_TOKENS = [
     *_GLM4_TOKENS,
     "<|begin_of_audio|>",
@@ -91,6 +105,9 @@ SPECIAL_TOKENS = {
     "glm45": _GLM45_TOKENS,
     "glm46": _GLM45_TOKENS,
     "glm47": _GLM45_TOKENS,
+    "glm5": _GLM45_TOKENS,
+    "glm51": _GLM45_TOKENS,
+    "glm52": _GLM45_TOKENS,
     "chatglm3": [
         "[MASK]",
         "[gMASK]",
@@ -138,7 +155,7 @@ TEMPLATE_VARIANTS = {
 @cache
 def family_template(family: str, variant: str | None = None) -> str:
     """Our training-ready template of the family, or of one of its released variants (TEMPLATE_VARIANTS)."""
-    text = (TEMPLATE_DIR / f"{family}.jinja").read_text(encoding="utf-8")
+    text = (TEMPLATE_DIR / f"{TEMPLATE_FILES.get(family, family)}.jinja").read_text(encoding="utf-8")
     if variant is None:
         return text
     ours, theirs = TEMPLATE_VARIANTS[family][variant]

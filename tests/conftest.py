@@ -199,3 +199,22 @@ def train_in_process(*argv) -> None:
             train.main([*map(str, argv)])
         except SystemExit as stop:
             assert stop.code in (0, None), f"train.py {' '.join(map(str, argv))} exited with {stop.code}"
+
+
+def glm_moe_dsa_tokenizer_dir(folder: Path, released_family: str, edit=None) -> Path:
+    """A tokenizer directory as a GLM-5 / 5.1 / 5.2 checkpoint ships it, without weights: config.json with model type
+    glm_moe_dsa and the released text of `released_family` (optionally edited by `edit(text) -> text`) as
+    chat_template.jinja, on the tiny GLM-4.7-Flash tokenizer (GLM-5's special tokens are GLM-4.5's)."""
+    import shutil
+
+    from glm_sft.builtin import builtin_path
+
+    source = builtin_path("builtin:tiny-glm47-flash")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    text = (REPO / "glm_sft" / "templates" / "released" / f"{released_family}.jinja").read_text(encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(edit(text) if edit else text, encoding="utf-8")
+    config = {"model_type": "glm_moe_dsa", "architectures": ["GlmMoeDsaForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder

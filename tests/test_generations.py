@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_run, write_jsonl
+from conftest import REPO, build_run, glm_moe_dsa_tokenizer_dir, write_jsonl
 
 from glm_sft import UserError
 from glm_sft.builtin import builtin_path
 from glm_sft.loading import load_tokenizer
-from glm_sft.template import IGNORE_INDEX, THINKING_FAMILIES, template_difference
+from glm_sft.template import IGNORE_INDEX, MODEL_TYPE_FAMILIES, THINKING_FAMILIES, template_difference
 from glm_sft.tokenization import encode_conversation, reasoning_samples
 
 BUILTIN_FAMILIES = {
@@ -178,8 +178,10 @@ def test_reasoning_rows_read_from_both_spellings(tmp_path):
 
 
 @pytest.mark.parametrize("family", THINKING_FAMILIES)
-def test_thinking_families_train_the_reasoning_and_the_answer(family):
+def test_thinking_families_train_the_reasoning_and_the_answer(family, tmp_path):
     name = {"glmz1": "builtin:tiny-glmz1", "glm47": "builtin:tiny-glm47-flash"}.get(family, "builtin:tiny-glm45")
+    if family in MODEL_TYPE_FAMILIES["glm_moe_dsa"]:
+        name = str(glm_moe_dsa_tokenizer_dir(tmp_path / family, family))
     tokenizer, detected = load_tokenizer(name, template=family)
     assert detected == family
     encoded = encode_conversation(tokenizer, MULTI_TURN[:2])
