@@ -60,6 +60,7 @@ for _name, _family, _architecture in [
     ("tiny-glmz1", "glmz1", "glm4"),
     ("tiny-glm45", "glm45", "glm4_moe"),
     ("tiny-glm47-flash", "glm47", "glm4_moe_lite"),
+    ("tiny-glm5", "glm5", "glm_moe_dsa"),
 ]:
     FAMILY_SPECS[_name] = {
         **FAMILY_SPECS["tiny-glm4"],

@@ -103,6 +103,8 @@ def supports_padding_free(model) -> str | None:
         "transformers."
     ):
         return f"{type(model).__name__} does not use transformers' attention functions"
+    if model.config.model_type == "glm_moe_dsa":
+        return "GLM-5's DSA indexer picks each token's keys from the attention mask, which padding-free batches lack"
     return None
 
 

@@ -21,6 +21,7 @@ BUILTIN_FAMILIES = {
     "builtin:tiny-glmz1": ("glmz1", "Glm4ForCausalLM"),
     "builtin:tiny-glm45": ("glm45", "Glm4MoeForCausalLM"),
     "builtin:tiny-glm47-flash": ("glm47", "Glm4MoeLiteForCausalLM"),
+    "builtin:tiny-glm5": ("glm5", "GlmMoeDsaForCausalLM"),
 }
 
 
@@ -254,6 +255,40 @@ def test_the_demo_trains_the_tiny_moe_model_and_it_answers_from_the_data(tmp_pat
     assert "(glm45 format)" in result.stderr + result.stdout
     reply = chat_once("--adapter", output_dir, "--prompt", "你是谁？", "--temperature", "0")
     assert "小智" in reply
+
+
+@pytest.mark.slow
+def test_the_glm5_demo_answers_from_the_data_and_its_merged_export_replies_alike_in_plain_transformers(
+    tmp_path_factory,
+):
+    """builtin:tiny-glm5 (GlmMoeDsaForCausalLM: latent attention, the DSA indexer, experts) trains on the demo recipe
+    in GLM-5's format; the merged export loads in plain transformers and writes what chat_cli writes."""
+    import torch
+    from conftest import chat_once, run_script, trained_demo
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output_dir, result = trained_demo(tmp_path_factory, "builtin:tiny-glm5")
+    assert "(glm5 format)" in result.stderr + result.stdout
+    assert "q_a_proj" in result.stdout + result.stderr  # the LoRA targets: latent attention among them
+    reply = chat_once("--adapter", output_dir, "--prompt", "你是谁？", "--temperature", "0", "--enable_thinking", "false")
+    assert "小智" in reply
+    merged = tmp_path_factory.mktemp("glm5-export") / "merged"
+    exported = run_script("export.py", output_dir, "--out_dir", merged, "--dtype", "fp32")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert type(model).__name__ == "GlmMoeDsaForCausalLM"
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "你是谁？"}],
+        add_generation_prompt=True,
+        enable_thinking=False,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        output = model.generate(**prompt, max_new_tokens=64, do_sample=False)
+    written = tokenizer.decode(output[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert written.strip() == reply.strip()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ TINY_MODELS = [
     ("glmz1", "builtin:tiny-glmz1"),
     ("glm45", "builtin:tiny-glm45"),
     ("glm47_flash", "builtin:tiny-glm47-flash"),
+    ("glm5", "builtin:tiny-glm5"),
     ("glm4", "builtin:tiny-glm4"),
     ("glm3", "builtin:tiny-chatglm3"),
 ]
