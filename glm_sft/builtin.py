@@ -3,11 +3,12 @@
 multi-head latent attention) and `builtin:tiny-glm5` (GLM-5: MoE, latent attention and the DSA indexer).
 
 Each is transformers' native class for its generation (GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM,
-Glm4MoeLiteForCausalLM, GlmMoeDsaForCausalLM) at a tiny size, with a byte-level BPE tokenizer trained on the bundled data that carries the
-family's special tokens, chat template and stop tokens. The newer generations ship the released template text, as their
-checkpoints do (so the start-up check of the shipped template runs on them too); the two older ones ship ours. They
-stand in for the real checkpoints wherever there is no GPU or no network (the demo recipe, the tests). Built offline
-from a fixed seed, so a name always gives the same tokenizer and weights; cached after the first build.
+Glm4MoeLiteForCausalLM, GlmMoeDsaForCausalLM) at a tiny size, with a byte-level BPE tokenizer trained on the bundled
+data that carries the family's special tokens, chat template and stop tokens. The newer generations ship the released
+template text, as their checkpoints do (so the start-up check of the shipped template runs on them too); the two older
+ones ship ours. They stand in for the real checkpoints wherever there is no GPU or no network (the demo recipe, the
+tests). Built offline from a fixed seed, so a name always gives the same tokenizer and weights; cached after the first
+build.
 """
 
 import hashlib

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_sft import UserError
-from glm_sft.template import CONTROL_TOKENS
+from glm_sft.template import CONTROL_TOKENS, output_items
 from glm_sft.tools import (
     StrictJSON,
     canonical_tools,
@@ -502,7 +502,8 @@ class _ConversationReader:
             return match.group(0)
 
         for message in messages:
-            message["content"] = _PLACEHOLDER.sub(value_for, message["content"])
+            if isinstance(message["content"], str):  # not a tool result given as a list of outputs
+                message["content"] = _PLACEHOLDER.sub(value_for, message["content"])
         return [(name, unusable[name]) for name in PLACEHOLDER_RECIPE_KEYS if name in unusable]
 
 
@@ -587,8 +588,11 @@ def _openai_call(call: Any) -> tuple[Any, Any]:
 
 
 def _result(value: Any) -> Any:
-    """A tool result as text; non-string JSON results (ChatGLM3 observations are often objects) as JSON."""
-    return value if value is None or isinstance(value, str) else result_text(value)
+    """A tool result as text; non-string JSON results (ChatGLM3 observations are often objects) as JSON, except a list
+    of {"output": text} items, which the XML families' templates read item by item (template.family_messages)."""
+    if value is None or isinstance(value, str) or output_items(value) is not None:
+        return value
+    return result_text(value)
 
 
 def _has_value(value: Any) -> bool:
@@ -760,11 +764,13 @@ def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list
     for turn in turns:
         if turn.role == "assistant" and isinstance(turn.content, str):
             problems += _reasoning_problems(turn)
-        if not isinstance(turn.content, str):
+        outputs = output_items(turn.content) if turn.role == "tool" else None
+        text = "".join(outputs) if outputs is not None else turn.content
+        if not isinstance(text, str):
             problems.append(f"{turn.label} has content of type {json_type_name(turn.content)}; expected a string")
-        elif turn.role != "system" and not turn.calls and not turn.content.strip():
+        elif turn.role != "system" and not turn.calls and not text.strip():
             problems.append(f"{turn.label} has empty content")
-        elif token := _control_token(turn.content):
+        elif token := _control_token(*(outputs or [text])):
             problems.append(f"{turn.label} contains the control token {token}; remove it from the text")
         problems += _call_problems(turn, tools)
     if problems:

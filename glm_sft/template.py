@@ -138,8 +138,8 @@ IGNORE_INDEX = -100
 
 # Model types whose chat template has not been found: a checkpoint of one stops with what is known, whatever it ships.
 UNSUPPORTED_MODEL_TYPES = {
-    "glm5_next": "GLM-5.3-Flash (Glm5NextForConditionalGeneration, multimodal): its released chat template has not been "
-    "found, so its format cannot be checked or trained exactly; it is not supported yet",
+    "glm5_next": "GLM-5.3-Flash (Glm5NextForConditionalGeneration, multimodal): its released chat template has not "
+    "been found, so its format cannot be checked or trained exactly; it is not supported yet",
 }
 # The older generations' model types: their checkpoints' own templates are not stored here, so a template that is
 # none of ours does not stop them; their tokenizer's tokens decide (glm4 or chatglm3).
@@ -178,7 +178,9 @@ def detect_family(tokenizer, override: str = "auto", model_type: str | None = No
     generations. Nothing falls back silently: a shipped template that matches no family, and a model type we do not
     list with no template, stop with what to do."""
     if model_type in UNSUPPORTED_MODEL_TYPES:
-        raise UserError(f"{tokenizer.name_or_path} is a {model_type} checkpoint, {UNSUPPORTED_MODEL_TYPES[model_type]}")
+        raise UserError(
+            f"{tokenizer.name_or_path} is a {model_type} checkpoint: {UNSUPPORTED_MODEL_TYPES[model_type]}"
+        )
     candidates = MODEL_TYPE_FAMILIES.get(model_type)
     if override != "auto":
         if override not in FAMILIES:
@@ -280,6 +282,34 @@ def _templates_by_text() -> dict[str, str]:
     return by_text
 
 
+def family_messages(messages: list[dict], family: str | None) -> list[dict]:
+    """The messages as the family's template reads them: tool results given as a list of {"output": ...} items (the
+    form GLM-5.2's template reads, as the XML families' templates do) as their JSON text for the other families, as
+    any other non-text result is; tool rows in the native form for NATIVE_TOOL_FAMILIES (native_messages). None (a
+    template not ours): as they are."""
+    if family is None:
+        return messages
+    if family not in XML_TOOL_FAMILIES:
+        messages = [
+            dict(message, content=json.dumps(message["content"], ensure_ascii=False))
+            if message["role"] == "tool" and isinstance(message.get("content"), list)
+            else message
+            for message in messages
+        ]
+    return native_messages(messages, family)
+
+
+def output_items(content) -> list[str] | None:
+    """The outputs of a tool result given as a list of {"output": text} items, else None."""
+    if not isinstance(content, list) or not content:
+        return None
+    if not all(isinstance(item, dict) and set(item) == {"output"} for item in content):
+        return None
+    if not all(isinstance(item["output"], str) for item in content):
+        return None
+    return [item["output"] for item in content]
+
+
 def native_messages(messages: list[dict], family: str) -> list[dict]:
     """The messages as a NATIVE_TOOL_FAMILIES template reads them: every call of an assistant message's `tool_calls`
     an assistant turn of its own (`metadata` the function name, content the JSON arguments), each `tool` result an
@@ -353,7 +383,7 @@ def _first_mismatch(shipped: str, ours: str, family: str, tokenizer=None) -> tup
     tokens = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     probes = [probe for probe in probe_conversations() if "families" not in probe or family in probe["families"]]
     for number, probe in enumerate(probes):
-        messages = native_messages(probe["messages"], family)
+        messages = family_messages(probe["messages"], family)
         cuts = [(messages, False)]
         if messages[-1]["role"] == "assistant":
             last_user = max(index for index, message in enumerate(messages) if message["role"] != "assistant")
@@ -411,7 +441,8 @@ def attach_template(tokenizer, family: str) -> None:
     if not hasattr(tokenizer, "shipped_chat_template"):
         tokenizer.shipped_chat_template = tokenizer.chat_template
     # A checkpoint shipping a released variant of the format (GLM-4-0414's tokenizer_config form) trains in it.
-    tokenizer.chat_template = family_template(family, matching_variant(tokenizer.shipped_chat_template, family, tokenizer))
+    variant = matching_variant(tokenizer.shipped_chat_template, family, tokenizer)
+    tokenizer.chat_template = family_template(family, variant)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -111,9 +111,9 @@ def _encode_chats(
     text pieces of all of them encoded in one batch."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from glm_sft.template import family_of_template, native_messages
+    from glm_sft.template import family_messages, family_of_template
 
-    family = family_of_template(tokenizer.chat_template)  # GLM-4-0414 / GLM-Z1 read tool rows in the native form
+    family = family_of_template(tokenizer.chat_template)  # e.g. GLM-4-0414 / GLM-Z1 read tool rows in the native form
     spellings = _control_spellings(tokenizer)
     pattern = _control_pattern(spellings)
     control_ids = _control_ids(tokenizer, spellings)
@@ -121,7 +121,7 @@ def _encode_chats(
     layouts, texts = [], []  # per conversation: (its text pieces, its control tokens, its spans); all text pieces
     for messages, tools in conversations:
         # As apply_chat_template does: keys whose value is None are left out (`"content": null` beside tool calls).
-        messages = native_messages(
+        messages = family_messages(
             [{key: value for key, value in message.items() if value is not None} for message in messages], family
         )
         marked = _mark(messages, spellings)

@@ -75,7 +75,9 @@ def test_canonical_tool_rows_become_native_call_and_observation_turns():
     assert native_messages(TOOL_ROW, "glm47") is TOOL_ROW  # the XML families read tool_calls themselves
 
 
-@pytest.mark.parametrize(("name", "released"), [("builtin:tiny-glm4-0414", "glm4_0414"), ("builtin:tiny-glmz1", "glmz1")])
+@pytest.mark.parametrize(
+    ("name", "released"), [("builtin:tiny-glm4-0414", "glm4_0414"), ("builtin:tiny-glmz1", "glmz1")]
+)
 def test_tool_rows_train_the_calls_and_the_observation_that_ends_each(name, released):
     """The row's ids are the tokenizer's ids of the released text (rendered the transformers way, on the native
     form) and its end token; the trained tokens are exactly each reply and call and the role token ending it."""
@@ -87,7 +89,7 @@ def test_tool_rows_train_the_calls_and_the_observation_that_ends_each(name, rele
         chat_template=(RELEASED / f"{released}.jinja").read_text(encoding="utf-8"),
         **tokenizer.special_tokens_map,
     )[0][0]
-    assert "<|assistant|>get_weather\n{\"city\": \"北京\"}<|observation|>\n晴<|assistant|>get_weather\n" in text
+    assert '<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n晴<|assistant|>get_weather\n' in text
     assert encoded["input_ids"] == tokenizer(text + "<|user|>", add_special_tokens=False)["input_ids"]
     trained, run = [], []
     for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
@@ -237,7 +239,8 @@ def test_an_unknown_model_type_shipping_glm47_s_text_trains_as_glm47(tmp_path):
         + ["--max_steps", "1", "--report_to", "none", "--sample_count", "0", "--max_samples", "4"]
     )
     assert run.family == "glm47" and "(glm47 format)" in run.summary()
-    trained = run.trainer.processing_class.decode([token for token in run.trainer.train_dataset[0]["labels"] if token != -100])
+    labels = run.trainer.train_dataset[0]["labels"]
+    trained = run.trainer.processing_class.decode([token for token in labels if token != IGNORE_INDEX])
     assert trained.endswith("<|user|>") and "\n" not in trained[:1]  # GLM-4.7: no newline after <|assistant|>
 
 
@@ -309,3 +312,37 @@ def test_the_tokenizer_config_variant_renders_its_released_text_on_every_probe()
             assert texts[0] == texts[1], probe["name"]
     assert calls >= 4  # the probes hold calls, where the two forms differ
     assert ours != family_template("glm4_0414")
+
+
+def test_a_result_given_as_a_list_of_outputs_is_read_as_each_template_reads_it(tmp_path):
+    """GLM-5.2's form of a tool result, a list of {"output": text} items: kept as a list for the XML families, whose
+    templates write one <tool_response> per item; JSON text for the others, as other non-text results are."""
+    from conftest import write_jsonl
+
+    from glm_sft.data import read_conversations
+
+    row = {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "北京天气？"},
+            {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "北京"})]},
+            {"role": "tool", "content": [{"output": "晴"}, {"output": "北风二级"}]},
+            {"role": "assistant", "content": "晴，北风二级。"},
+        ],
+    }
+    rows, _ = read_conversations(write_jsonl(tmp_path / "rows.jsonl", [row]))
+    assert rows[0]["messages"][2]["content"] == [{"output": "晴"}, {"output": "北风二级"}]
+    tokenizer, _ = load_tokenizer("builtin:tiny-glm47-flash")
+    ids = encode_conversation(tokenizer, rows[0]["messages"], tools=rows[0]["tools"])["input_ids"]
+    assert (
+        "<|observation|><tool_response>晴</tool_response><tool_response>北风二级</tool_response>"
+        in tokenizer.decode(ids)
+    )
+    tokenizer, _ = load_tokenizer("builtin:tiny-glm4-0414")
+    ids = encode_conversation(tokenizer, rows[0]["messages"], tools=rows[0]["tools"])["input_ids"]
+    assert '<|observation|>\n[{"output": "晴"}, {"output": "北风二级"}]<|assistant|>' in tokenizer.decode(ids)
+    bad = dict(
+        row, messages=[*row["messages"][:2], {"role": "tool", "content": [{"output": "<|user|>"}]}, row["messages"][3]]
+    )
+    with pytest.raises(UserError, match=r"rows.jsonl:1: message 3 \(tool\) contains the control token <\|user\|>"):
+        read_conversations(write_jsonl(tmp_path / "rows.jsonl", [bad]))
