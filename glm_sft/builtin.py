@@ -1,6 +1,7 @@
 """The embedded tiny models, one per GLM generation: `builtin:tiny-glm4`, `builtin:tiny-chatglm3`,
 `builtin:tiny-glm4-0414`, `builtin:tiny-glmz1`, `builtin:tiny-glm45` (MoE), `builtin:tiny-glm47-flash` (MoE with
-multi-head latent attention) and `builtin:tiny-glm5` (GLM-5: MoE, latent attention and the DSA indexer).
+multi-head latent attention), `builtin:tiny-glm5` (GLM-5: MoE, latent attention and the DSA indexer) and
+`builtin:tiny-glm52` (the same, shipping GLM-5.2's template).
 
 Each is transformers' native class for its generation (GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM,
 Glm4MoeLiteForCausalLM, GlmMoeDsaForCausalLM) at a tiny size, with a byte-level BPE tokenizer trained on the bundled
@@ -62,6 +63,7 @@ for _name, _family, _architecture in [
     ("tiny-glm45", "glm45", "glm4_moe"),
     ("tiny-glm47-flash", "glm47", "glm4_moe_lite"),
     ("tiny-glm5", "glm5", "glm_moe_dsa"),
+    ("tiny-glm52", "glm52", "glm_moe_dsa"),  # the same model, shipping GLM-5.2's text (reasoning_effort)
 ]:
     FAMILY_SPECS[_name] = {
         **FAMILY_SPECS["tiny-glm4"],

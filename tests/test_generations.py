@@ -22,6 +22,7 @@ BUILTIN_FAMILIES = {
     "builtin:tiny-glm45": ("glm45", "Glm4MoeForCausalLM"),
     "builtin:tiny-glm47-flash": ("glm47", "Glm4MoeLiteForCausalLM"),
     "builtin:tiny-glm5": ("glm5", "GlmMoeDsaForCausalLM"),
+    "builtin:tiny-glm52": ("glm52", "GlmMoeDsaForCausalLM"),
 }
 
 
