@@ -494,7 +494,7 @@ def test_a_glm_moe_dsa_checkpoint_without_template_gets_glm5_and_an_edited_one_s
     (bare / "chat_template.jinja").unlink()
     assert load_tokenizer(str(bare))[1] == "glm5"
     edited = glm_moe_dsa_tokenizer_dir(tmp_path / "edited", "glm51", lambda text: text + "{{- ' edited' -}}")
-    with pytest.raises(UserError, match=r"is not the released glm5\d? format: probe .* set template: glm5"):
+    with pytest.raises(UserError, match=r"none of the released formats; nearest is glm51: probe .* template: glm51"):
         load_tokenizer(str(edited))
 
 
