@@ -282,17 +282,22 @@ def _templates_by_text() -> dict[str, str]:
     return by_text
 
 
+# The families whose template writes a tool result given as a list of {"output": ...} items one <tool_response> per
+# item: the XML families but GLM-5.1, whose text keeps only `text` items of a list (it would write an empty result).
+OUTPUT_LIST_FAMILIES = tuple(family for family in XML_TOOL_FAMILIES if family != "glm51")
+
+
 def family_messages(messages: list[dict], family: str | None) -> list[dict]:
     """The messages as the family's template reads them: tool results given as a list of {"output": ...} items (the
-    form GLM-5.2's template reads, as the XML families' templates do) as their JSON text for the other families, as
-    any other non-text result is; tool rows in the native form for NATIVE_TOOL_FAMILIES (native_messages). None (a
-    template not ours): as they are."""
+    form GLM-5.2's template reads) as their JSON text outside OUTPUT_LIST_FAMILIES, as any other non-text result is;
+    tool rows in the native form for NATIVE_TOOL_FAMILIES (native_messages). None (a template not ours): as they
+    are."""
     if family is None:
         return messages
-    if family not in XML_TOOL_FAMILIES:
+    if family not in OUTPUT_LIST_FAMILIES:
         messages = [
             dict(message, content=json.dumps(message["content"], ensure_ascii=False))
-            if message["role"] == "tool" and isinstance(message.get("content"), list)
+            if message["role"] == "tool" and output_items(message.get("content")) is not None
             else message
             for message in messages
         ]

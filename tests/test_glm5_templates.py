@@ -21,6 +21,7 @@ from glm_sft.template import (
     SPECIAL_TOKENS,
     attach_template,
     family_template,
+    output_items,
     probe_conversations,
     template_difference,
 )
@@ -177,7 +178,10 @@ def test_our_text_and_tokens_equal_the_released_ones_under_every_switch(family, 
     compared = 0
     for conversation in conversations_of(family):
         tools = conversation.get("tools")
-        token_check = not has_control_spellings(conversation)
+        # GLM-5.1's text writes a result given as {"output"} items as nothing: training gives it the JSON text (as
+        # any non-text result), tests/test_native_tools.py checks that
+        output_lists = any(output_items(message.get("content")) for message in conversation["messages"])
+        token_check = not has_control_spellings(conversation) and not (output_lists and family == "glm51")
         for settings in switch_settings(family):
             switches = conversation.get("template_kwargs", {}) | settings
             for messages, prompt in cuts(conversation["messages"]):

@@ -341,6 +341,12 @@ def test_a_result_given_as_a_list_of_outputs_is_read_as_each_template_reads_it(t
     tokenizer, _ = load_tokenizer("builtin:tiny-glm4-0414")
     ids = encode_conversation(tokenizer, rows[0]["messages"], tools=rows[0]["tools"])["input_ids"]
     assert '<|observation|>\n[{"output": "晴"}, {"output": "北风二级"}]<|assistant|>' in tokenizer.decode(ids)
+    # GLM-5.1's text keeps only text items of a list: the outputs would vanish, so it gets the JSON text too
+    glm51 = tokenizer_dir(tmp_path, "builtin:tiny-glm47-flash", "glm_moe_dsa", (RELEASED / "glm51.jinja").read_text())
+    tokenizer, family = load_tokenizer(str(glm51))
+    assert family == "glm51"
+    ids = encode_conversation(tokenizer, rows[0]["messages"], tools=rows[0]["tools"])["input_ids"]
+    assert '<tool_response>[{"output": "晴"}, {"output": "北风二级"}]</tool_response>' in tokenizer.decode(ids)
     bad = dict(
         row, messages=[*row["messages"][:2], {"role": "tool", "content": [{"output": "<|user|>"}]}, row["messages"][3]]
     )
