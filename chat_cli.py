@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding (default 0.8)")
     parser.add_argument("--top_p", "--top-p", type=float, default=0.8)
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=512)
-    thinking = "true|false: a thinking family reasons before it answers (default: the template's, on)"
+    thinking = "true|false: a thinking family reasons before it answers (default: as the run trained, else on)"
     parser.add_argument("--enable_thinking", "--enable-thinking", type=yes_or_no, help=thinking)
     add_tool_arguments(parser)
     args = parser.parse_args(argv)

@@ -269,7 +269,7 @@ def run_arm(args, work: str) -> dict:
         model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
         train_rows, eval_rows = read_datasets(data_args, seed=training_args.seed)
         tokenizer, family = load_tokenizer(model_args.model_name_or_path, model_args.template)
-        train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, family, train_rows, eval_rows)
+        train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, family, {}, train_rows, eval_rows)
         common = dict(
             output_dir=work,
             per_device_train_batch_size=args.batch_size,

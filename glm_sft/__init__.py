@@ -1,4 +1,5 @@
-"""glm-sft: supervised fine-tuning recipes for the GLM family (ChatGLM3-6B, GLM-4-9B)."""
+"""glm-sft: supervised fine-tuning recipes for the GLM family (ChatGLM3-6B, GLM-4-9B, GLM-4-0414, GLM-Z1, GLM-4.5 to
+4.7, GLM-4.7-Flash, GLM-5, 5.1 and 5.2), each in its released chat format."""
 
 import functools
 import logging

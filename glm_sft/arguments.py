@@ -9,6 +9,7 @@ can be ours without guessing, and the run can save exactly the recipe it was giv
 import argparse
 import difflib
 import enum
+import json
 import math
 import os
 import sys
@@ -29,11 +30,16 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="builtin:tiny-glm4",
         metadata={
-            "help": "Local directory, hub id (THUDM/glm-4-9b-chat-hf) or builtin:tiny-glm4 / builtin:tiny-chatglm3."
+            "help": "Local directory, hub id (zai-org/GLM-4.7-Flash) or a built-in tiny model: builtin:tiny-glm4, "
+            "tiny-chatglm3, tiny-glm4-0414, tiny-glmz1, tiny-glm45, tiny-glm47-flash, tiny-glm5, tiny-glm52."
         },
     )
     template: str = field(
-        default="auto", metadata={"help": "Chat format: auto (from the tokenizer), glm4 or chatglm3."}
+        default="auto",
+        metadata={
+            "help": "Chat format: auto (the family whose template the checkpoint ships, else by its model type) or "
+            "one of glm4, chatglm3, glm4_0414, glmz1, glm45, glm46, glm47, glm5, glm51, glm52."
+        },
     )
     dtype: str = field(
         default="auto",
@@ -108,6 +114,25 @@ class DataArguments:
         default=False, metadata={"help": "Skip invalid rows (counted and reported) instead of stopping."}
     )
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Switches of the template the rows are rendered with, as a mapping (YAML) or JSON text: "
+            'enable_thinking (GLM-4.5 and later), clear_thinking (GLM-4.7 and later), reasoning_effort (GLM-5.2), '
+            'e.g. {"reasoning_effort": "high"}. The trained model answers with the same switches (chat_cli, serve, '
+            "webchat, evaluate); a flag or request field overrides them."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.chat_template_kwargs, str):  # from the command line: JSON text
+            try:
+                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"chat_template_kwargs {self.chat_template_kwargs!r} is not JSON ({error.msg}); pass an object "
+                    """such as '{"enable_thinking": false}'"""
+                ) from None
 
 
 @dataclass

@@ -56,8 +56,20 @@ class SampleGeneration(TrainerCallback):
     plain DDP or a single process only the main process does. Only the main process writes and logs.
     """
 
-    def __init__(self, trainer, samples: list[tuple[dict, str | None]], generation_config, max_new_tokens: int):
-        """samples: (prompt, reference) pairs from sample_prompts(); generation_config: its eos ids stop replies."""
+    def __init__(
+        self,
+        trainer,
+        samples: list[tuple[dict, str | None]],
+        generation_config,
+        max_new_tokens: int,
+        family: str | None = None,
+        template_kwargs: dict | None = None,
+    ):
+        """samples: (prompt, reference) pairs from sample_prompts(); generation_config: its eos ids stop replies;
+        family and template_kwargs: the chat format and the switches the model answers with (a thinking family's
+        answers are recorded without their reasoning)."""
+        self.family = family
+        self.template_kwargs = template_kwargs
         self.trainer = trainer
         self.tokenizer = trainer.processing_class
         self.samples = samples
@@ -98,6 +110,8 @@ class SampleGeneration(TrainerCallback):
                 max_new_tokens=self.max_new_tokens,
                 batch_size=len(self.samples),
                 synced_gpus=synced_gpus,
+                family=self.family,
+                template_kwargs=self.template_kwargs,
             )
         if state.is_world_process_zero:
             self.record(state.global_step, replies)

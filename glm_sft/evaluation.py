@@ -86,7 +86,14 @@ def generation_sync(trainer, is_main: bool) -> bool | None:
 
 
 def predict_after_training(
-    trainer, rows: list[dict], output_dir, *, stop_ids, max_new_tokens: int, family: str | None = None
+    trainer,
+    rows: list[dict],
+    output_dir,
+    *,
+    stop_ids,
+    max_new_tokens: int,
+    family: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> dict | None:
     """do_predict: predict() with the trained model, batched by per_device_eval_batch_size. With a sharded model
     every process takes part; otherwise only the main one generates. The main process writes and gets the metrics."""
@@ -106,4 +113,5 @@ def predict_after_training(
         synced_gpus=synced_gpus,
         write=is_main,
         family=family,
+        template_kwargs=template_kwargs,
     )

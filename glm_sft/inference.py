@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glm_sft import UserError
-from glm_sft.template import THINKING_FAMILIES
+from glm_sft.template import THINKING_FAMILIES, check_switches
 from glm_sft.tokenization import encode_chat
 from glm_sft.tools import ReasoningStream, split_reasoning
 
@@ -353,7 +353,42 @@ def load_chat_model(model: str | None = None, adapter: str | None = None, *, tem
     if torch.cuda.is_available():
         loaded = loaded.to("cuda")
     loaded.eval()
-    return ChatModel(loaded, tokenizer, family, stop_token_ids(tokenizer, family), name=str(adapter_dir or base))
+    switches = run_switches(adapter_dir or Path(base), recipe) if adapter_dir or Path(base).is_dir() else {}
+    return ChatModel(
+        loaded,
+        tokenizer,
+        family,
+        stop_token_ids(tokenizer, family),
+        name=str(adapter_dir or base),
+        template_kwargs=check_switches(switches, family, f"{adapter_dir or base}/{RUN_FACTS}: chat_template_kwargs"),
+    )
+
+
+RUN_FACTS = "run.json"  # what train.py writes beside its result (glm_sft.run.Run.facts); exports carry it
+
+
+def read_run_facts(folder) -> dict:
+    """The run.json train.py wrote with a result (rows used, steps, final losses, the switches it answers with): in
+    the folder or, for a checkpoint-N, in the run's output_dir; {} for other models and for results of older
+    versions."""
+    for candidate in (Path(folder), Path(folder).parent):
+        path = candidate / RUN_FACTS
+        if path.is_file():
+            try:
+                facts = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return {}
+            return facts if isinstance(facts, dict) else {}
+    return {}
+
+
+def run_switches(folder, recipe: dict | None = None) -> dict:
+    """The template switches a train.py result answers with unless told otherwise: what its run recorded
+    (run.json), else the chat_template_kwargs of its recipe (a checkpoint saved before the run ended)."""
+    facts = read_run_facts(folder)
+    if "chat_template_kwargs" in facts:
+        return facts["chat_template_kwargs"]
+    return dict((recipe or {}).get("chat_template_kwargs") or {})
 
 
 def adapter_base(adapter_dir: Path) -> str | None:
@@ -373,8 +408,31 @@ def add_model_arguments(parser) -> None:
     talks to a model takes them)."""
     parser.add_argument("--model", help="base or fully fine-tuned model: directory, hub id or builtin:tiny-glm4")
     parser.add_argument("--adapter", help="adapter directory written by train.py (it knows its base model)")
-    parser.add_argument("--template", default=None, help="auto, glm4 or chatglm3 (default: the run's template)")
+    parser.add_argument(
+        "--template", default=None, help="auto or a family such as glm47 (default: the run's, else detected)"
+    )
     parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--chat_template_kwargs",
+        "--chat-template-kwargs",
+        type=json_object,
+        default=None,
+        help='the template\'s switches as JSON, e.g. \'{"reasoning_effort": "high"}\' (enable_thinking, clear_thinking, '
+        "reasoning_effort; default: those the run trained with, from its run.json)",
+    )
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a flag that takes a JSON object."""
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', not {text!r}")
+    return value
 
 
 def add_tool_arguments(parser) -> None:
@@ -398,4 +456,7 @@ def check_model_arguments(parser, args) -> None:
 
 
 def load_from_arguments(args) -> ChatModel:
-    return load_chat_model(args.model, args.adapter, template=args.template, trust_remote_code=args.trust_remote_code)
+    chat = load_chat_model(args.model, args.adapter, template=args.template, trust_remote_code=args.trust_remote_code)
+    given = check_switches(args.chat_template_kwargs, chat.family, "--chat_template_kwargs")
+    chat.template_kwargs.update(given)  # over the run's own
+    return chat

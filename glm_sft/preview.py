@@ -14,7 +14,7 @@ from glm_sft import UserError, exit_on_user_error
 from glm_sft.arguments import parse_recipe
 from glm_sft.data import read_datasets
 from glm_sft.loading import load_tokenizer
-from glm_sft.template import IGNORE_INDEX
+from glm_sft.template import IGNORE_INDEX, check_switches
 from glm_sft.tokenization import reasoning_samples, tokenize_dataset
 
 
@@ -52,13 +52,15 @@ def main(argv=None):
     tokenizer, family = load_tokenizer(
         recipe.model.model_name_or_path, recipe.model.template, recipe.training.trust_remote_code
     )
-    train_rows = reasoning_samples(train_rows, family, recipe.data.last_turn_only)  # as training splits them
+    switches = check_switches(recipe.data.chat_template_kwargs, family)
+    train_rows = reasoning_samples(train_rows, family, recipe.data.last_turn_only, switches)  # as training splits them
     dataset = tokenize_dataset(
         train_rows[: options.n] if not options.json else train_rows,
         tokenizer,
         name="train",
         max_length=recipe.training.max_length,
         last_turn_only=recipe.data.last_turn_only,
+        template_kwargs=switches or None,
     )
     color = sys.stdout.isatty()
     for example in dataset.select(range(min(options.n, len(dataset)))):

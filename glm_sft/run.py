@@ -25,7 +25,7 @@ from glm_sft.checkpoints import (
 from glm_sft.data import read_datasets
 from glm_sft.distributed import check_launch, main_process_output
 from glm_sft.evaluation import predict_after_training
-from glm_sft.inference import generation_config_for
+from glm_sft.inference import RUN_FACTS, generation_config_for
 from glm_sft.loading import load_model, load_tokenizer, torch_dtype
 from glm_sft.methods import (
     build_peft_config,
@@ -36,22 +36,26 @@ from glm_sft.methods import (
     prepare_model,
     quantization_config,
 )
-from glm_sft.template import save_tokenizer
+from glm_sft.template import answering_switches, check_switches, reasoning_in, save_tokenizer
 from glm_sft.tokenization import reasoning_samples, tokenize_dataset
 
-RUN_FACTS = "run.json"  # beside recipe.yaml: the rows the run used, its steps and final losses
 
 
 @dataclass
 class Run:
     recipe: Recipe
     trainer: object  # trl.SFTTrainer
-    family: str  # the chat format: glm4 or chatglm3
+    family: str  # the chat format (template.FAMILIES)
     generation_config: object  # the family's stop ids; saved with the result
     train_rows: list[dict]
     eval_rows: list[dict] | None
     swanlab_mode: str | None  # None: not reporting to SwanLab
     choices: list[str]  # how it trains: batches, attention, gradient checkpointing, loss head
+    # The template switches the rows trained with (the recipe's chat_template_kwargs), what the trained replies held
+    # of reasoning ("all", "none", "mixed"), and the switches the result answers with by default.
+    template_kwargs: dict
+    reasoning: str
+    answer_template_kwargs: dict
 
     @property
     def is_main(self) -> bool:
@@ -179,6 +183,9 @@ class Run:
             "global_step": self.trainer.state.global_step,
             "final_train_loss": train_losses[-1] if train_losses else None,
             "final_eval_loss": eval_losses[-1] if eval_losses else None,
+            "reasoning": self.reasoning,  # in the trained replies: all, none or mixed
+            # What chat_cli, serve, webchat and evaluate pass the template unless told otherwise.
+            "chat_template_kwargs": self.answer_template_kwargs,
         }
 
     def predict(self) -> None:
@@ -193,6 +200,7 @@ class Run:
             stop_ids=stop_ids,
             max_new_tokens=longest,
             family=self.family,
+            template_kwargs=self.answer_template_kwargs,
         )
         if self.is_main:
             tracking.log_metrics(metrics, "predict", step=self.trainer.state.global_step)
@@ -233,6 +241,8 @@ def model_card(run: Run, facts: dict) -> str:
             f"- base model: {model_args.model_name_or_path}",
             f"- method: {model_args.finetuning_type}",
             f"- chat format: {run.family}",
+            f"- reasoning in the trained replies: {facts['reasoning']}",
+            f"- template switches it answers with by default: {switches_text(facts['chat_template_kwargs'])}",
             f"- training data: {data_args.dataset_name} ({facts['train_rows']} rows, {facts['train_sequences']} "
             "training sequences)",
             f"- evaluation data: {evaluation}",
@@ -250,8 +260,26 @@ def model_card(run: Run, facts: dict) -> str:
             "python export.py path/to/this/dir --out_dir exported/my-model   # one plain transformers directory",
             "```",
             "",
+            *switches_note(facts["chat_template_kwargs"]),
         ]
     )
+
+
+def switches_note(switches: dict) -> list[str]:
+    """A model card's note on serving a model that answers with template switches (none when it has none)."""
+    if not switches:
+        return []
+    return [
+        "It answers as it trained with the template switches above: glm-sft's chat_cli, serve.py and webchat.py pass "
+        "them by themselves (run.json); with vLLM, `transformers serve` or another OpenAI-compatible server, send "
+        f"`\"chat_template_kwargs\": {json.dumps(switches)}` with each request.",
+        "",
+    ]
+
+
+def switches_text(switches: dict) -> str:
+    """The template switches as a model card lists them (`enable_thinking=false`), or "none"."""
+    return ", ".join(f"`{key}={json.dumps(value)}`" for key, value in switches.items()) or "none"
 
 
 def build_run(recipe: Recipe, model=None) -> Run:
@@ -272,8 +300,11 @@ def build_run(recipe: Recipe, model=None) -> Run:
         acquire_output_lock(training.output_dir)
 
     tokenizer, family = load_tokenizer(model_args.model_name_or_path, model_args.template, training.trust_remote_code)
+    switches = check_switches(data_args.chat_template_kwargs, family)
     check_moe_lora(model_args, family)
-    train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, family, train_rows, eval_rows)
+    train_dataset, eval_dataset = tokenized_datasets(recipe, tokenizer, family, switches, train_rows, eval_rows)
+    reasoning = reasoning_in(train_rows)
+    answer_switches = answering_switches(family, switches, reasoning)
 
     if model is None:
         model = load_model(
@@ -300,12 +331,34 @@ def build_run(recipe: Recipe, model=None) -> Run:
     )
     # Greedy replies to a few fixed prompts at each save and at the end: output_dir/samples.jsonl and SwanLab.
     samples = sample_prompts(training.sample_prompts, eval_rows or train_rows, training.sample_count)
-    trainer.add_callback(SampleGeneration(trainer, samples, generation_config, training.sample_max_new_tokens))
+    trainer.add_callback(
+        SampleGeneration(
+            trainer, samples, generation_config, training.sample_max_new_tokens, family, answer_switches
+        )
+    )
     fused = speed.fused_lm_head_applied(trainer.model)  # checked on the model, not taken on trust
     choices.append(
         "loss: TRL's fused LM head (trained positions only, no full logits)" if fused else "loss: full logits"
     )
-    return Run(recipe, trainer, family, generation_config, train_rows, eval_rows, swanlab_mode, choices)
+    if answer_switches != switches:
+        added = ", ".join(f"{key}={json.dumps(value)}" for key, value in answer_switches.items() if key not in switches)
+        choices.append(
+            f"thinking: no trained reply has reasoning, so the result answers with {added} by default, as it "
+            "trained (run.json; chat_cli --enable_thinking true or a request's chat_template_kwargs overrides it)"
+        )
+    return Run(
+        recipe,
+        trainer,
+        family,
+        generation_config,
+        train_rows,
+        eval_rows,
+        swanlab_mode,
+        choices,
+        switches,
+        reasoning,
+        answer_switches,
+    )
 
 
 def check_eval_data(training, eval_rows) -> None:
@@ -320,12 +373,13 @@ def check_eval_data(training, eval_rows) -> None:
         )
 
 
-def tokenized_datasets(recipe: Recipe, tokenizer, family: str, train_rows, eval_rows):
-    """(train, eval or None) datasets of input_ids and labels, as the trainer gets them; rows with reasoning the
-    template drops from history are split first (tokenization.reasoning_samples)."""
+def tokenized_datasets(recipe: Recipe, tokenizer, family: str, switches: dict, train_rows, eval_rows):
+    """(train, eval or None) datasets of input_ids and labels, as the trainer gets them, rendered with the template
+    switches `switches`; rows with reasoning the template drops from history are split first
+    (tokenization.reasoning_samples)."""
     last_turn_only = recipe.data.last_turn_only
     train_rows, eval_rows = (
-        reasoning_samples(rows, family, last_turn_only) if rows else rows for rows in (train_rows, eval_rows)
+        reasoning_samples(rows, family, last_turn_only, switches) if rows else rows for rows in (train_rows, eval_rows)
     )
     settings = dict(
         tokenizer=tokenizer,
@@ -333,6 +387,7 @@ def tokenized_datasets(recipe: Recipe, tokenizer, family: str, train_rows, eval_
         last_turn_only=recipe.data.last_turn_only,
         num_proc=recipe.training.dataset_num_proc,
         training_args=recipe.training,
+        template_kwargs=switches or None,
     )
     return tuple(
         tokenize_dataset(rows, name=name, **settings).select_columns(["input_ids", "labels"]) if rows else None

@@ -395,7 +395,9 @@ def _cache_file(rows: list[dict], tokenizer, settings: dict):
     return folder / f"{settings['name']}-{hasher.hexdigest()}.arrow"
 
 
-def reasoning_samples(rows: list[dict], family: str, last_turn_only: bool = False) -> list[dict]:
+def reasoning_samples(
+    rows: list[dict], family: str, last_turn_only: bool = False, switches: dict | None = None
+) -> list[dict]:
     """The rows as the family trains them: a row whose reasoning the template would drop from its history is split.
 
     The thinking templates drop the reasoning of earlier turns (template.REASONING_KEPT), so in one rendering of a
@@ -404,9 +406,10 @@ def reasoning_samples(rows: list[dict], family: str, last_turn_only: bool = Fals
     message; GLM-Z1: up to the reply), only that round trained; in the full row those rounds are not trained again
     ("loss": false). Every trained token is then one the model produces at inference with that history. Reasoning for
     a family without thinking is an error naming the rows. With `last_turn_only` nothing is split (only the final
-    reply trains, and it keeps its reasoning); the error stays.
+    reply trains, and it keeps its reasoning), nor with the template switch clear_thinking=false (`switches`), which
+    keeps every turn's reasoning; the error stays.
     """
-    from glm_sft.template import NATIVE_TOOL_FAMILIES, REASONING_KEPT
+    from glm_sft.template import NATIVE_TOOL_FAMILIES, REASONING_KEPT, family_switches
 
     def reasons(message):
         return message["role"] == "assistant" and bool(message.get("reasoning_content"))
@@ -425,7 +428,8 @@ def reasoning_samples(rows: list[dict], family: str, last_turn_only: bool = Fals
                 "GLM-4.5 and later) or remove the reasoning"
             )
         return rows
-    if last_turn_only:
+    keeps_all = (switches or {}).get("clear_thinking") is False and "clear_thinking" in family_switches(family)
+    if last_turn_only or keeps_all:
         return rows
     samples = []
     for row in rows:
