@@ -1,4 +1,4 @@
-"""Fine-tune a GLM chat model (ChatGLM3-6B, GLM-4-9B, the built-in tiny models) from a recipe.
+"""Fine-tune a GLM chat model (ChatGLM3-6B, GLM-4-9B, GLM-4-0414, GLM-Z1, GLM-4.5 to 5.2, the built-in tiny models).
 
 python train.py --config recipes/demo.yaml                 # tiny built-in model, CPU, about 30 s
 python train.py --config recipes/glm4_lora.yaml --learning_rate 1e-4   # any recipe key can be overridden

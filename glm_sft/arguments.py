@@ -118,7 +118,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Switches of the template the rows are rendered with, as a mapping (YAML) or JSON text: "
-            'enable_thinking (GLM-4.5 and later), clear_thinking (GLM-4.7 and later), reasoning_effort (GLM-5.2), '
+            "enable_thinking (GLM-4.5 and later), clear_thinking (GLM-4.7 and later), reasoning_effort (GLM-5.2), "
             'e.g. {"reasoning_effort": "high"}. The trained model answers with the same switches (chat_cli, serve, '
             "webchat, evaluate); a flag or request field overrides them."
         },

@@ -417,8 +417,8 @@ def add_model_arguments(parser) -> None:
         "--chat-template-kwargs",
         type=json_object,
         default=None,
-        help='the template\'s switches as JSON, e.g. \'{"reasoning_effort": "high"}\' (enable_thinking, clear_thinking, '
-        "reasoning_effort; default: those the run trained with, from its run.json)",
+        help='the template\'s switches as JSON, e.g. \'{"reasoning_effort": "high"}\' (enable_thinking, '
+        "clear_thinking, reasoning_effort; default: those the run trained with, from its run.json)",
     )
 
 
@@ -431,7 +431,7 @@ def json_object(text: str) -> dict:
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not JSON ({error.msg}): {text!r}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', not {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}': {text!r}")
     return value
 
 

@@ -40,7 +40,6 @@ from glm_sft.template import answering_switches, check_switches, reasoning_in, s
 from glm_sft.tokenization import reasoning_samples, tokenize_dataset
 
 
-
 @dataclass
 class Run:
     recipe: Recipe
@@ -272,7 +271,7 @@ def switches_note(switches: dict) -> list[str]:
     return [
         "It answers as it trained with the template switches above: glm-sft's chat_cli, serve.py and webchat.py pass "
         "them by themselves (run.json); with vLLM, `transformers serve` or another OpenAI-compatible server, send "
-        f"`\"chat_template_kwargs\": {json.dumps(switches)}` with each request.",
+        f'`"chat_template_kwargs": {json.dumps(switches)}` with each request.',
         "",
     ]
 
@@ -332,16 +331,14 @@ def build_run(recipe: Recipe, model=None) -> Run:
     # Greedy replies to a few fixed prompts at each save and at the end: output_dir/samples.jsonl and SwanLab.
     samples = sample_prompts(training.sample_prompts, eval_rows or train_rows, training.sample_count)
     trainer.add_callback(
-        SampleGeneration(
-            trainer, samples, generation_config, training.sample_max_new_tokens, family, answer_switches
-        )
+        SampleGeneration(trainer, samples, generation_config, training.sample_max_new_tokens, family, answer_switches)
     )
     fused = speed.fused_lm_head_applied(trainer.model)  # checked on the model, not taken on trust
     choices.append(
         "loss: TRL's fused LM head (trained positions only, no full logits)" if fused else "loss: full logits"
     )
     if answer_switches != switches:
-        added = ", ".join(f"{key}={json.dumps(value)}" for key, value in answer_switches.items() if key not in switches)
+        added = ", ".join(f"{key}={json.dumps(answer_switches[key])}" for key in answer_switches.keys() - switches)
         choices.append(
             f"thinking: no trained reply has reasoning, so the result answers with {added} by default, as it "
             "trained (run.json; chat_cli --enable_thinking true or a request's chat_template_kwargs overrides it)"

@@ -520,8 +520,9 @@ def answering_switches(family: str, trained: dict, reasoning: str) -> dict:
     switches = dict(trained)
     if reasoning != "none" or "enable_thinking" in switches or "enable_thinking" not in family_switches(family):
         return switches
-    if not _prompt_opens_reply(family, switches) and _prompt_opens_reply(family, {**switches, "enable_thinking": False}):
-        switches["enable_thinking"] = False
+    thinking_off = {**switches, "enable_thinking": False}
+    if not _prompt_opens_reply(family, switches) and _prompt_opens_reply(family, thinking_off):
+        return thinking_off
     return switches
 
 

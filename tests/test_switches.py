@@ -131,8 +131,8 @@ def test_clear_thinking_false_keeps_every_turns_reasoning_so_rows_are_not_split(
 @pytest.mark.parametrize(
     "recipe, model, reasoning, switches, prompt_end",
     [
-        ("demo_reasoning_glm5.yaml", "builtin:tiny-glm52", "all", {"reasoning_effort": "high"}, "<|assistant|><think>"),
-        ("demo.yaml", "builtin:tiny-glm47-flash", "none", {"enable_thinking": False}, "<|assistant|></think>"),
+        ("demo_reasoning_glm5.yaml", "tiny-glm52", "all", {"reasoning_effort": "high"}, "<|assistant|><think>"),
+        ("demo.yaml", "tiny-glm47-flash", "none", {"enable_thinking": False}, "<|assistant|></think>"),
     ],
 )
 def test_the_result_answers_with_the_switches_it_trained_with(
@@ -143,18 +143,15 @@ def test_the_result_answers_with_the_switches_it_trained_with(
     import argparse
 
     import train
-
     from glm_sft.inference import load_chat_model, load_from_arguments
 
     monkeypatch.chdir(REPO)
     output_dir = tmp_path / "out"
-    data = write_jsonl(
-        tmp_path / "rows.jsonl",
-        [json.loads(line) for line in (REPO / "data" / "reasoning_demo.jsonl").read_text().splitlines()[:8]]
-        if reasoning == "all"
-        else [{"messages": [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小智。"}]}] * 8,
-    )
-    argv = ["--config", f"recipes/{recipe}", "--model_name_or_path", model, "--dataset_name", data]
+    plain = {"messages": [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小智。"}]}
+    reasoning_rows = (REPO / "data" / "reasoning_demo.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    rows = [json.loads(line) for line in reasoning_rows] if reasoning == "all" else [plain] * 8
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    argv = ["--config", f"recipes/{recipe}", "--model_name_or_path", f"builtin:{model}", "--dataset_name", data]
     train.main([*argv, "--max_steps", "2", "--sample_count", "0", "--output_dir", str(output_dir)])
     said = "".join(capfd.readouterr())
     assert ("answers with enable_thinking=false by default" in said) == (reasoning == "none")
