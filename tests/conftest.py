@@ -187,18 +187,24 @@ def stop_process(process, log=None) -> None:
         log.close()
 
 
-def train_in_process(*argv) -> None:
-    """train.main(argv) in this process, from the repository, on one CPU thread (module fixtures share its result);
-    the run must finish."""
+def train_in_process(*argv) -> subprocess.CompletedProcess:
+    """train.main(argv) in this process, from the repository, on one CPU thread (module fixtures share its result),
+    as `python train.py ARGV` would run it but without a new interpreter; the run must finish. Returns what it printed
+    (sys.stdout and sys.stderr) as run_script does."""
+    import contextlib
+    import io
+
     import train
 
-    with pytest.MonkeyPatch.context() as patch:
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         patch.setenv("OMP_NUM_THREADS", "1")
         patch.chdir(REPO)
         try:
             train.main([*map(str, argv)])
         except SystemExit as stop:
-            assert stop.code in (0, None), f"train.py {' '.join(map(str, argv))} exited with {stop.code}"
+            assert stop.code in (0, None), f"train.py {' '.join(map(str, argv))} exited with {stop.code}: {err.getvalue()[-3000:]}"
+    return subprocess.CompletedProcess(argv, 0, out.getvalue(), err.getvalue())
 
 
 def glm_moe_dsa_tokenizer_dir(folder: Path, released_family: str, edit=None) -> Path:

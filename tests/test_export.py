@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import chat_once, run_script
+from conftest import chat_once, run_main, run_script, train_in_process
 
 import export
 from glm_sft.loading import load_model
@@ -28,11 +28,9 @@ CONVERSATIONS = [
 
 
 def train(tmp_path_factory, name, *overrides):
+    """A 3-step run of the demo recipe with `overrides`, in this process (export is what runs as a user would)."""
     output_dir = tmp_path_factory.mktemp(name) / "run"
-    result = run_script(
-        "train.py", "--config", "recipes/demo.yaml", "--max_steps", "3", "--output_dir", output_dir, *overrides
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process("--config", "recipes/demo.yaml", "--max_steps", "3", "--output_dir", output_dir, *overrides)
     return output_dir
 
 
@@ -176,9 +174,9 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(lora_export,
 
 
 @pytest.mark.slow
-def test_ptuning_adapter_stops_with_a_clear_message(tmp_path_factory, tmp_path):
+def test_ptuning_adapter_stops_with_a_clear_message(tmp_path_factory, tmp_path, capfd):
     adapter = train(tmp_path_factory, "ptuning", "--finetuning_type", "ptuning", "--pre_seq_len", "4")
-    result = run_script("export.py", adapter, "--out-dir", tmp_path / "merged")
+    result = run_main(export.main, adapter, "--out-dir", tmp_path / "merged", capfd=capfd)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "P-Tuning v2" in result.stderr and f"python chat_cli.py --adapter {adapter}" in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -249,16 +249,6 @@ def test_an_xml_tool_row_round_trips_through_parse_reply(family):
 
 
 @pytest.mark.slow
-def test_the_demo_trains_the_tiny_moe_model_and_it_answers_from_the_data(tmp_path_factory):
-    from conftest import chat_once, trained_demo
-
-    output_dir, result = trained_demo(tmp_path_factory, "builtin:tiny-glm45")
-    assert "(glm45 format)" in result.stderr + result.stdout
-    reply = chat_once("--adapter", output_dir, "--prompt", "你是谁？", "--temperature", "0")
-    assert "小智" in reply
-
-
-@pytest.mark.slow
 def test_the_glm5_demo_answers_from_the_data_and_its_merged_export_replies_alike_in_plain_transformers(
     tmp_path_factory,
 ):
@@ -295,11 +285,14 @@ def test_the_glm5_demo_answers_from_the_data_and_its_merged_export_replies_alike
 
 @pytest.mark.slow
 def test_the_reasoning_demo_thinks_then_answers_and_chat_shows_them_apart(tmp_path):
+    """The tiny GLM-4.5 model (MoE) learns the reasoning demo and answers from the data (the other MoE generations'
+    demo: the GLM-5 test above)."""
     from conftest import chat_once, run_script
 
     output_dir = tmp_path / "reasoning"
     result = run_script("train.py", "--config", "recipes/demo_reasoning.yaml", "--output_dir", output_dir)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "(glm45 format)" in result.stderr + result.stdout
     shown = chat_once("--adapter", output_dir, "--prompt", "12 加 7 等于多少？", "--temperature", "0")
     thinking, _, answer = shown.partition("answer:")
     assert thinking.startswith("thinking:") and "个位" in thinking, shown

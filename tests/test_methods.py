@@ -1,8 +1,10 @@
 """Each fine-tuning method lowers the loss on the demo data and changes only the parameters it should."""
 
+import json
+
 import pytest
 import torch
-from conftest import assert_serves_the_trained_weights, chat_once, run_main, run_script
+from conftest import assert_serves_the_trained_weights, chat_once, run_main, train_in_process
 from safetensors.torch import load_file
 from test_train import logged_losses, trainable_and_total
 
@@ -26,8 +28,7 @@ def base_weights():
 def method_run(request, tmp_path_factory):
     method = request.param
     output_dir = tmp_path_factory.mktemp(method) / "out"
-    result = run_script(
-        "train.py",
+    result = train_in_process(
         "--config",
         "recipes/demo.yaml",
         "--finetuning_type",
@@ -40,7 +41,6 @@ def method_run(request, tmp_path_factory):
         output_dir,
         *METHOD_OVERRIDES[method],
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return method, output_dir, result
 
 
@@ -72,6 +72,9 @@ def test_method_changes_only_its_parameters(method_run, base_weights):
     changed = {name for name in trained if not torch.equal(trained[name], base_weights[name])}
     if method == "full":
         assert trainable == total
+        assert not (output_dir / "adapter_config.json").exists()
+        config = json.loads((output_dir / "config.json").read_text())
+        assert config["architectures"] == ["GlmForCausalLM"]  # a plain transformers model, chat_cli --model loads it
         matrices = {name for name in trained if trained[name].dim() == 2 and "embed_tokens" not in name}
         assert matrices <= changed  # every projection and the head moved (unused embedding rows need not)
     else:  # freeze with freeze_trainable_layers 1: only the last of the two layers
@@ -133,13 +136,14 @@ def test_a_method_that_cannot_work_stops_before_loading_weights(tmp_path, overri
     assert "rows read" not in result.stderr  # stopped before even reading the data
 
 
-@pytest.mark.slow
-def test_adapter_with_a_different_base_is_refused(tmp_path):
-    output_dir = tmp_path / "out"
-    trained = run_script("train.py", "--config", "recipes/demo.yaml", "--max_steps", "1", "--output_dir", output_dir)
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    result = run_script("chat_cli.py", "--adapter", output_dir, "--model", "builtin:tiny-chatglm3", "--prompt", "hi")
-    assert result.returncode == 1 and "a different model" in result.stderr and "Traceback" not in result.stderr
+def test_an_adapter_on_a_different_base_or_a_whole_model_as_adapter_is_refused(method_run, capfd):
+    import chat_cli
+
+    method, output_dir, _ = method_run
+    argv = ["--adapter", output_dir, "--model", "builtin:tiny-chatglm3", "--prompt", "hi"]
+    result = run_main(chat_cli.main, *argv, capfd=capfd)
+    expected = "not an adapter directory" if method in ("full", "freeze") else "a different model"
+    assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr
 
 
 def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):

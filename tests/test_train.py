@@ -6,7 +6,7 @@ import re
 
 import pytest
 import yaml
-from conftest import run_script, trained_demo
+from conftest import REPO, chat_once, run_main, run_script, trained_demo
 
 WHO_ANSWER = "您好，我是小智，一个由glm-sft团队开发的人工智能助手，很高兴为您提供帮助。"
 
@@ -70,9 +70,7 @@ def test_demo_writes_adapter_tokenizer_stop_ids_and_recipe(demo_run):
 
 def test_demo_adapter_answers_who_are_you(demo_run):
     _, output_dir, _ = demo_run
-    result = run_script("chat_cli.py", "--adapter", output_dir, "--prompt", "你是谁？", "--temperature", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == WHO_ANSWER + "\n"
+    assert chat_once("--adapter", output_dir, "--prompt", "你是谁？", "--temperature", "0") == WHO_ANSWER + "\n"
 
 
 def test_chat_repl_multi_turn_clear_and_exit(demo_run):
@@ -84,52 +82,29 @@ def test_chat_repl_multi_turn_clear_and_exit(demo_run):
     assert "(new conversation)" in result.stdout
 
 
-def test_rerun_into_a_finished_output_dir_is_refused(demo_run):
+def test_rerun_into_a_finished_output_dir_is_refused(demo_run, capfd, monkeypatch):
+    import train
+
     _, output_dir, _ = demo_run
     before = (output_dir / "adapter_model.safetensors").read_bytes()
-    result = run_script("train.py", "--config", "recipes/demo.yaml", "--output_dir", output_dir)
+    monkeypatch.chdir(REPO)
+    result = run_main(train.main, "--config", "recipes/demo.yaml", "--output_dir", output_dir, capfd=capfd)
     assert result.returncode == 1
     assert "already holds a finished model" in result.stderr and "--overwrite_output_dir" in result.stderr
     assert "Traceback" not in result.stderr
     assert (output_dir / "adapter_model.safetensors").read_bytes() == before
 
 
-@pytest.mark.slow
-def test_full_fine_tuning_saves_a_model_chat_cli_loads(tmp_path):
-    output_dir = tmp_path / "full"
-    result = run_script(
-        "train.py",
-        "--config",
-        "recipes/demo.yaml",
-        "--finetuning_type",
-        "full",
-        "--learning_rate",
-        "1e-3",
-        "--max_steps",
-        "3",
-        "--output_dir",
-        output_dir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (output_dir / "model.safetensors").is_file() and not (output_dir / "adapter_config.json").exists()
-    trainable, total = trainable_and_total(result.stdout)
-    assert trainable == total
-    config = json.loads((output_dir / "config.json").read_text())
-    assert config["architectures"] == ["GlmForCausalLM"]
-    chat = run_script(
-        "chat_cli.py", "--model", output_dir, "--prompt", "你好", "--temperature", "0", "--max_new_tokens", "8"
-    )
-    assert chat.returncode == 0, chat.stderr[-3000:]
-    assert chat.stdout.endswith("\n") and chat.stdout.count("\n") >= 1
+def test_saved_recipe_repeats_the_run(demo_run, capfd, monkeypatch):
+    from glm_sft.preview import main as preview
 
-
-def test_saved_recipe_repeats_the_run(demo_run):
     model_name, output_dir, _ = demo_run
     saved = yaml.safe_load((output_dir / "recipe.yaml").read_text())
     assert "resume_from_checkpoint" not in saved and saved["output_dir"] == str(output_dir)
+    monkeypatch.chdir(REPO)
     previews = []
     for config in ("recipes/demo.yaml", output_dir / "recipe.yaml"):
-        result = run_script("-m", "glm_sft.preview", "--config", config, "--model_name_or_path", model_name, "--json")
+        result = run_main(preview, "--config", config, "--model_name_or_path", model_name, "--json", capfd=capfd)
         assert result.returncode == 0, result.stderr[-3000:]
         previews.append(result.stdout)
     assert previews[0] == previews[1] and previews[0].count("\n") == 3
