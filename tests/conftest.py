@@ -203,7 +203,8 @@ def train_in_process(*argv) -> subprocess.CompletedProcess:
         try:
             train.main([*map(str, argv)])
         except SystemExit as stop:
-            assert stop.code in (0, None), f"train.py {' '.join(map(str, argv))} exited with {stop.code}: {err.getvalue()[-3000:]}"
+            said = err.getvalue()[-3000:]
+            assert stop.code in (0, None), f"train.py {' '.join(map(str, argv))} exited with {stop.code}: {said}"
     return subprocess.CompletedProcess(argv, 0, out.getvalue(), err.getvalue())
 
 
