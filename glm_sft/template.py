@@ -482,6 +482,12 @@ def family_switches(family: str) -> tuple[str, ...]:
     return tuple(name for name in TEMPLATE_SWITCHES if name in read)
 
 
+def always_thinks(family: str) -> bool:
+    """Whether the family's generation prompt opens the thinking of every reply, with no switch to turn it off
+    (GLM-Z1's `<|assistant|>\n<think>`)."""
+    return family in THINKING_FAMILIES and "enable_thinking" not in family_switches(family)
+
+
 def check_switches(switches, family: str, where: str = "chat_template_kwargs") -> dict:
     """`switches` ({} for None) when every key is a switch the family's template reads with a value of its type;
     otherwise a UserError that names the key and the switches there are."""

@@ -404,12 +404,14 @@ def reasoning_samples(
     multi-turn row an earlier reply shows no thinking, while at inference the model thinks before it. Each such reply
     becomes a sample of its own: the conversation up to the end of its round (GLM-4.5 and later: up to the next user
     message; GLM-Z1: up to the reply), only that round trained; in the full row those rounds are not trained again
-    ("loss": false). Every trained token is then one the model produces at inference with that history. Reasoning for
+    ("loss": false). GLM-Z1's generation prompt opens the thinking of every reply, so each of its replies is split
+    off so, with reasoning or without (then trained as `</think>\n{answer}` after that prompt). Every trained token is
+    then one the model produces at inference with that history. Reasoning for
     a family without thinking is an error naming the rows. With `last_turn_only` nothing is split (only the final
     reply trains, and it keeps its reasoning), nor with the template switch clear_thinking=false (`switches`), which
     keeps every turn's reasoning; the error stays.
     """
-    from glm_sft.template import NATIVE_TOOL_FAMILIES, REASONING_KEPT, family_switches
+    from glm_sft.template import NATIVE_TOOL_FAMILIES, REASONING_KEPT, always_thinks, family_switches
 
     def reasons(message):
         return message["role"] == "assistant" and bool(message.get("reasoning_content"))
@@ -417,7 +419,10 @@ def reasoning_samples(
     def splits(message):
         # GLM-Z1 renders a call as `<|assistant|>{name}\n{arguments}`, with no reasoning: its template drops the
         # reasoning of a call turn wherever the row ends, so such a turn is not split off.
-        return reasons(message) and not (family in NATIVE_TOOL_FAMILIES and message.get("tool_calls"))
+        if family in NATIVE_TOOL_FAMILIES and (message.get("tool_calls") or message.get("metadata")):
+            return False
+        trained = message["role"] == "assistant" and message.get("loss") is not False
+        return reasons(message) or (always_thinks(family) and trained)
 
     if family not in REASONING_KEPT:
         found = [row.get("source", "?") for row in rows if any(map(reasons, row["messages"]))]

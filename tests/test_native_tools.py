@@ -80,7 +80,8 @@ def test_canonical_tool_rows_become_native_call_and_observation_turns():
 )
 def test_tool_rows_train_the_calls_and_the_observation_that_ends_each(name, released):
     """The row's ids are the tokenizer's ids of the released text (rendered the transformers way, on the native
-    form) and its end token; the trained tokens are exactly each reply and call and the role token ending it."""
+    form) and its end token; the trained tokens are exactly each reply and call and the role token ending it. GLM-Z1's
+    final reply trains as the model writes it after its prompt `<|assistant|>\n<think>`: `</think>\n{answer}`."""
     tokenizer, family = load_tokenizer(name)
     encoded = encode_conversation(tokenizer, TOOL_ROW, tools=[WEATHER])
     text = render_jinja_template(
@@ -90,7 +91,12 @@ def test_tool_rows_train_the_calls_and_the_observation_that_ends_each(name, rele
         **tokenizer.special_tokens_map,
     )[0][0]
     assert '<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n晴<|assistant|>get_weather\n' in text
-    assert encoded["input_ids"] == tokenizer(text + "<|user|>", add_special_tokens=False)["input_ids"]
+    answer = "\n北京晴，上海小雨。"
+    opening = "\n<think>" if family == "glmz1" else ""  # what the generation prompt writes, untrained
+    written = ("</think>" if family == "glmz1" else "") + answer
+    assert text.endswith(f"<|assistant|>{answer}")
+    text = text[: -len(answer)] + opening + written + "<|user|>"
+    assert encoded["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
     trained, run = [], []
     for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
         if label != IGNORE_INDEX:
@@ -103,7 +109,7 @@ def test_tool_rows_train_the_calls_and_the_observation_that_ends_each(name, rele
     assert trained == [  # the text turn's end is the <|assistant|> of the first call, so the two run on
         '\n我来查一下。<|assistant|>get_weather\n{"city": "北京"}<|observation|>',
         'get_weather\n{"city": "上海"}<|observation|>',
-        "\n北京晴，上海小雨。<|user|>",
+        written + "<|user|>",
     ]
 
 

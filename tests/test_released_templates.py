@@ -186,12 +186,13 @@ def test_closing_the_final_turn_only_appends_its_end_token(family, conversation)
         return
     called = bool(last.get("metadata") if native else last.get("tool_calls"))
     end = "<|observation|>" if called else "<|user|>"
-    if family == "glmz1" and last.get("reasoning_content") and not called:
-        # GLM-Z1 trains a final reply's reasoning as the model writes it after its prompt <|assistant|>\n<think>,
-        # though its released text drops reasoning: only the final turn differs, and only when training.
+    if family == "glmz1" and not called:
+        # GLM-Z1 trains a final reply (its reasoning, if any, and its answer) as the model writes it after its prompt
+        # <|assistant|>\n<think>, though its released text drops reasoning: only the final turn differs, and only
+        # when training.
         reply = "\n" + last["content"].split("</think>")[-1].strip()
         assert expected.endswith(reply)
-        written = f"{last['reasoning_content'].strip()}</think>{reply}{end}"
+        written = f"{(last.get('reasoning_content') or '').strip()}</think>{reply}{end}"
         assert closed == expected[: -len(reply)] + "\n<think>" + written
         assert spans[-1] == written
     else:
@@ -349,12 +350,12 @@ def test_glmz1_spans_drop_reasoning_and_end_with_the_next_role_token():
     assert spans == [
         'get_weather\n{"city": "Rome"}<|observation|>',
         "\nSunny in Rome.<|user|>",
-        "\nYou're welcome.<|user|>",
+        "</think>\nYou're welcome.<|user|>",  # the final reply, after the prompt's \n<think>
     ]
     assert text == (
         "[gMASK]<sop><|system|>\nBe brief.<|user|>\nWeather in Rome?<|assistant|>get_weather\n"
         '{"city": "Rome"}<|observation|>\n{"sky": "sunny"}<|assistant|>\nSunny in Rome.<|user|>\nThanks'
-        "<|assistant|>\nYou're welcome.<|user|>"
+        "<|assistant|>\n<think></think>\nYou're welcome.<|user|>"
     )
     prompt, spans = render(template("glmz1"), conversation[:-1], add_generation_prompt=True, close_final_turn=True)
     assert prompt.endswith("<|user|>\nThanks<|assistant|>\n<think>") and spans[-1] == "\nSunny in Rome.<|user|>"

@@ -170,3 +170,28 @@ def test_the_result_answers_with_the_switches_it_trained_with(
     chat = load_from_arguments(args)
     assert chat.template_kwargs == {**switches, "enable_thinking": True}
     assert chat.tokenizer.decode(chat.prompt_ids(messages)[0]).endswith("<|assistant|><think>")
+
+
+def test_glmz1_replies_without_reasoning_train_after_the_think_its_prompt_opens():
+    """GLM-Z1's prompt always opens `<|assistant|>\\n<think>` (no switch): every reply, with reasoning or without,
+    trains as the model writes it after that prompt, each as the final reply of a sample of its own."""
+    from glm_sft.inference import encode_prompt
+    from glm_sft.loading import load_tokenizer
+    from glm_sft.tokenization import encode_conversation
+
+    tokenizer, _ = load_tokenizer("builtin:tiny-glmz1")
+    user = [{"role": "user", "content": "你好"}, {"role": "user", "content": "你是谁？"}]
+    replies = [{"role": "assistant", "content": "您好！"}, {"role": "assistant", "content": "我是小智。"}]
+    row = {"messages": [user[0], replies[0], user[1], replies[1]]}
+    samples = reasoning_samples([row], "glmz1")
+    assert [sample["messages"] for sample in samples] == [
+        [user[0], replies[0]],
+        [user[0], {**replies[0], "loss": False}, user[1], replies[1]],
+    ]
+    for sample, answer in zip(samples, ("您好！", "我是小智。"), strict=True):
+        encoded = encode_conversation(tokenizer, sample["messages"])
+        trained = [token for token in encoded["labels"] if token != -100]
+        assert tokenizer.decode(trained) == f"</think>\n{answer}<|user|>"
+        prompt = encode_prompt(tokenizer, sample["messages"][:-1])  # what chat_cli sends before this reply
+        assert tokenizer.decode(prompt).endswith("<|assistant|>\n<think>")
+        assert encoded["input_ids"] == prompt + trained  # the reply trains right where the prompt ends
