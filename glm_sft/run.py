@@ -285,14 +285,24 @@ def build_run(recipe: Recipe, model=None) -> Run:
     """Everything up to training. `model`: an already built model to train instead of loading model_name_or_path
     (the benchmarks pass one)."""
     model_args, data_args, training = recipe.model, recipe.data, recipe.training
-    check_output_dir(training.output_dir, training.overwrite_output_dir)
     check_method(model_args, training)
     speed.check_batching(model_args, training)
     check_launch(model_args, training)  # method vs. DeepSpeed config
 
-    # Every data problem is reported here, before the tokenizer or the model is loaded.
+    # Every data problem and the output directory's are reported here, in one report, before the tokenizer or the
+    # model is loaded: a user who fixes one does not meet the other on the next try.
+    try:
+        check_output_dir(training.output_dir, training.overwrite_output_dir)
+        output_problem = None
+    except UserError as error:
+        output_problem = str(error)
     with main_process_output(training):
-        train_rows, eval_rows = read_datasets(data_args, seed=training.seed)
+        try:
+            train_rows, eval_rows = read_datasets(data_args, seed=training.seed)
+        except UserError as error:
+            raise UserError(f"{error}\nerror: {output_problem}" if output_problem else str(error)) from None
+    if output_problem:
+        raise UserError(output_problem)
     check_eval_data(training, eval_rows)
     swanlab_mode = tracking.resolve_swanlab_mode(training.swanlab_mode, training)
     if training.process_index == 0:  # one run at a time per output_dir (created here); under a launch, the main's

@@ -68,8 +68,24 @@ def test_every_problem_in_a_file_is_listed(tmp_path, train_on):
 def test_missing_data_file(tmp_path):
     """Run as a user runs it (a new interpreter): the exit code and stderr of the script itself."""
     path = tmp_path / "nowhere.jsonl"
-    result = run_script("train.py", "--config", "recipes/demo.yaml", "--dataset_name", path)
+    argv = ["--config", "recipes/demo.yaml", "--dataset_name", path, "--output_dir", tmp_path / "out"]
+    result = run_script("train.py", *argv)
     assert_clean_failure(result, f"{path}: no such file or folder")
+
+
+def test_the_data_and_a_finished_output_dir_are_reported_together(tmp_path, capfd):
+    """Both problems in one report, the data's first: fixing one does not lead to the other on the next try."""
+    finished = tmp_path / "out"
+    finished.mkdir()
+    (finished / "adapter_config.json").write_text("{}")
+    path = tmp_path / "nowhere.jsonl"
+    argv = ["--config", "recipes/demo.yaml", "--output_dir", finished]
+    result = run_main(train.main, *argv, "--dataset_name", path, capfd=capfd)
+    assert_clean_failure(result, f"{path}: no such file or folder", "already holds a finished model")
+    assert result.stderr.index("no such file") < result.stderr.index("already holds")
+    result = run_main(train.main, *argv, capfd=capfd)  # good data: the output directory alone
+    assert_clean_failure(result, "already holds a finished model")
+    assert "no such file" not in result.stderr
 
 
 def test_unknown_recipe_key_suggests_the_closest(tmp_path, capfd):
