@@ -12,36 +12,51 @@ from the answer, as `reasoning_content`; `chat_template_kwargs` ({"enable_thinki
 One model in one process: requests wait in a queue and one thread that owns the model answers them in turn. A
 request that cannot be served (bad JSON, an unknown role, a prompt longer than the context, a tool result with no
 call) gets a 400 with an OpenAI error body.
+
+Input is bounded before it costs the model anything: a body over --max_request_bytes (default 4 MiB) gets a 413 as
+soon as its Content-Length says so, or as its bytes pass the limit; bodies are read, checked and their prompts counted
+on a thread of their own, so a prompt longer than the context gets its 400 without waiting for the model. With
+--api_key, every path but /health (the OpenAPI schema included) needs the key.
 """
 
 import argparse
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
+import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from glm_sft import exit_on_user_error
 from glm_sft.inference import add_model_arguments, check_model_arguments, encode_prompt, load_from_arguments
-from glm_sft.template import CONTROL_TOKENS
+from glm_sft.template import CONTROL_TOKENS, TEMPLATE_SWITCHES
 from glm_sft.tools import call_or_text, canonical_tools, json_type_name, parse_arguments, tool_call
 
 API_KEY_VARIABLE = "GLM_SFT_API_KEY"
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 TOOL_CHOICES = ("auto", "none")
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a 128k-token prompt, even as \uXXXX escapes, is well under it
+MAX_JSON_DEPTH = 100  # arrays and objects nested deeper are refused: the template and the tokenizer recurse into them
+# Longer integers are refused: converting them is quadratic (Python's own bound, 4300 digits, unless set otherwise).
+MAX_INTEGER_DIGITS = sys.get_int_max_str_digits() or 4300
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" alone in JSON: a string no tokenizer can encode
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,6 +75,67 @@ class RequestError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def read_json_body(raw: bytes):
+    """The request body as JSON; RequestError when it is not JSON, or is JSON this server will not take: nested more
+    than MAX_JSON_DEPTH deep, an integer of more than MAX_INTEGER_DIGITS digits, a string with a lone surrogate."""
+    try:
+        body = json.loads(raw, parse_int=_json_integer)
+    except RecursionError:  # nested deeper than the parser goes, so deeper than MAX_JSON_DEPTH too
+        raise RequestError(f"the request body nests arrays or objects more than {MAX_JSON_DEPTH} deep") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise RequestError(f"the request body is not valid JSON ({error})") from None
+    _check_json_values(body)
+    return body
+
+
+def _json_integer(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise RequestError(
+            f"the request body holds an integer of {len(digits.lstrip('-'))} digits; at most {MAX_INTEGER_DIGITS} "
+            "are taken"
+        )
+    return int(digits)
+
+
+def _check_json_values(body) -> None:
+    """RequestError for the first string (or key) with a lone surrogate, or for nesting deeper than MAX_JSON_DEPTH;
+    walked without recursion, whatever the depth."""
+    if isinstance(body, str):
+        _check_text(body, None)
+    pending = [(body, 1, None)] if isinstance(body, dict | list) else []  # (container, depth, where: see _json_path)
+    while pending:
+        container, depth, where = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests arrays or objects more than {MAX_JSON_DEPTH} deep")
+        for key, value in container.items() if isinstance(container, dict) else enumerate(container):
+            if isinstance(key, str):
+                _check_text(key, where, "has a key with")
+            if isinstance(value, str):
+                _check_text(value, (where, key))
+            elif isinstance(value, dict | list):
+                pending.append((value, depth + 1, (where, key)))
+
+
+def _check_text(text: str, where, what: str = "holds") -> None:
+    if LONE_SURROGATE.search(text):
+        path = _json_path(where)
+        raise RequestError(
+            f"{path or 'the request body'} {what} a lone surrogate (such as \\ud800), which is not text", path
+        )
+
+
+def _json_path(where) -> str | None:
+    """`messages[0].content` for (((None, "messages"), 0), "content")."""
+    keys = []
+    while where is not None:
+        where, key = where
+        keys.append(key)
+    path = ""
+    for key in reversed(keys):
+        path += f"[{key}]" if isinstance(key, int) else f".{key}" if path else key
+    return path or None
 
 
 @dataclass
@@ -109,12 +185,6 @@ def parse_chat_request(body, *, temperature: float, top_p: float) -> ChatRequest
     if "max_completion_tokens" in given and "max_tokens" in given:
         raise RequestError('give "max_tokens" or "max_completion_tokens", not both', "max_tokens")
     max_tokens_key = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
-    template_kwargs = given.get("chat_template_kwargs", {})
-    if not isinstance(template_kwargs, dict):
-        raise RequestError(
-            '"chat_template_kwargs" must be an object such as {"enable_thinking": false}', "chat_template_kwargs"
-        )
-    _boolean(template_kwargs, "enable_thinking", True, where="chat_template_kwargs.")
     return ChatRequest(
         messages=canonical_messages(given["messages"]),
         tools=tools,
@@ -126,8 +196,36 @@ def parse_chat_request(body, *, temperature: float, top_p: float) -> ChatRequest
         seed=_integer(given, "seed", None, minimum=-(2**63), maximum=2**64 - 1),
         stream=stream,
         include_usage=stream and _boolean(stream_options, "include_usage", False, where="stream_options."),
-        template_kwargs=template_kwargs,
+        template_kwargs=_template_switches(given.get("chat_template_kwargs", {})),
     )
+
+
+def _template_switches(value) -> dict:
+    """chat_template_kwargs: only the template's switches (glm_sft.template.TEMPLATE_SWITCHES), each of its type; a
+    switch that is null is left out. Nothing else may reach the template's arguments."""
+    if not isinstance(value, dict):
+        raise RequestError(
+            '"chat_template_kwargs" must be an object such as {"enable_thinking": false}', "chat_template_kwargs"
+        )
+    switches = {}
+    for key, switch in value.items():
+        where = f"chat_template_kwargs.{key}"
+        if key not in TEMPLATE_SWITCHES:
+            raise RequestError(
+                f'"chat_template_kwargs" holds {json.dumps(key, ensure_ascii=False)}, which is not a template switch; '
+                f"the switches are {', '.join(TEMPLATE_SWITCHES)}",
+                where,
+            )
+        if switch is None:
+            continue
+        if TEMPLATE_SWITCHES[key] is bool:
+            switches[key] = _boolean(value, key, False, where="chat_template_kwargs.")
+        elif not isinstance(switch, str):
+            raise RequestError(f'"{where}" must be a string, not {json_type_name(switch)}', where)
+        else:
+            _reject_control_tokens(switch, where)
+            switches[key] = switch
+    return switches
 
 
 def _boolean(values: dict, key: str, default: bool, where: str = "") -> bool:
@@ -157,6 +255,8 @@ def _number(values: dict, key: str, default: float, low: float, high: float, bou
     value = values[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(f'"{key}" must be a number, not {json_type_name(value)}', key)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN and Infinity, which Python's JSON reads
+        raise RequestError(f'"{key}" is {json.dumps(value)}; it must be a number {bounds}', key)
     if value > high or value < low or (low_open and value == low):
         raise RequestError(f'"{key}" is {value}; it must be {bounds}', key)
     return float(value)
@@ -287,6 +387,60 @@ def _reject_control_tokens(text: str, where: str) -> None:
         raise RequestError(f"{where} contains the control token {token}, which would change the chat format", where)
 
 
+@dataclass
+class Prompt:
+    tokens: int  # the prompt's length
+    max_new_tokens: int  # the reply's: max_tokens, else the server's default cut to what the context leaves
+
+
+class RequestReader:
+    """Reads chat completion bodies on a thread of its own, beside the event loop and the model's thread: the JSON and
+    its checks, parse_chat_request, and the prompt counted with a copy of the model's tokenizer (the model thread's
+    is never shared: encoding sets flags on it). So a prompt longer than the context is refused without waiting for
+    the model, and a big body never holds up the model. One body at a time, which bounds the memory bodies take: a
+    request read behind a big body waits for it (about 2 s for a 4 MB prompt on a CPU core)."""
+
+    def __init__(self, chat, *, max_new_tokens: int, temperature: float, top_p: float):
+        self.chat = chat
+        self.tokenizer = copy.deepcopy(chat.tokenizer)
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-reader")
+
+    async def read(self, raw: bytes) -> tuple[ChatRequest, Prompt]:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.parse, raw)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def parse(self, raw: bytes) -> tuple[ChatRequest, Prompt]:
+        try:
+            request = parse_chat_request(read_json_body(raw), temperature=self.temperature, top_p=self.top_p)
+            return request, self.fit(request)
+        except RequestError:
+            raise
+        except Exception:  # a bug, not the request: report it, keep serving
+            traceback.print_exc()
+            raise RequestError("the server failed to read the request; see its log", status=500) from None
+
+    def fit(self, request: ChatRequest) -> Prompt:
+        """The prompt's length and the reply's room; RequestError when they do not fit in the model's context."""
+        chat = self.chat
+        messages = [dict(message) for message in request.messages]
+        switches = chat.switches(request.template_kwargs)  # the model's defaults, the request's switches over them
+        prompt = encode_prompt(self.tokenizer, messages, request.tools, switches)  # the one inference path's prompt
+        room = chat.context - len(prompt)  # what the context leaves for the reply
+        max_new_tokens = request.max_tokens or min(self.max_new_tokens, room)
+        if max_new_tokens > room or room < 1:
+            asked = f", and max_tokens asks for {max_new_tokens} more" if request.max_tokens else ""
+            raise RequestError(
+                f"this model's maximum context length is {chat.context} tokens; the messages take {len(prompt)}"
+                f"{asked}: shorten the messages" + (" or lower max_tokens" if request.max_tokens else ""),
+                "messages",
+                code="context_length_exceeded",
+            )
+        return Prompt(len(prompt), max_new_tokens)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation: one thread owns the model and answers queued requests one at a time.
 
@@ -335,8 +489,9 @@ class Event:
 class Job:
     """One request on its way through the worker; its events arrive on the event loop's queue."""
 
-    def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: ChatRequest, prompt: Prompt, loop: asyncio.AbstractEventLoop):
         self.request = request
+        self.prompt = prompt
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()  # the client went away: generation stops at the next token
@@ -349,15 +504,14 @@ class Job:
 class ModelWorker:
     """The one thread that touches the model and its tokenizer; jobs run in the order they were submitted."""
 
-    def __init__(self, chat, max_new_tokens: int):
+    def __init__(self, chat):
         self.chat = chat
-        self.max_new_tokens = max_new_tokens
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self.serve_jobs, name="model-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, request: ChatRequest) -> Job:
-        job = Job(request, asyncio.get_running_loop())
+    def submit(self, request: ChatRequest, prompt: Prompt) -> Job:
+        job = Job(request, prompt, asyncio.get_running_loop())
         self.jobs.put(job)
         return job
 
@@ -381,19 +535,8 @@ class ModelWorker:
 
         request, chat = job.request, self.chat
         messages = [dict(message) for message in request.messages]
-        switches = chat.switches(request.template_kwargs)
-        prompt = encode_prompt(chat.tokenizer, messages, request.tools, switches)  # the one inference path's prompt
-        room = chat.context - len(prompt)  # what the context leaves for the reply
-        max_new_tokens = request.max_tokens or min(self.max_new_tokens, room)
-        if max_new_tokens > room or room < 1:
-            asked = f", and max_tokens asks for {max_new_tokens} more" if request.max_tokens else ""
-            raise RequestError(
-                f"this model's maximum context length is {chat.context} tokens; the messages take {len(prompt)}"
-                f"{asked}: shorten the messages" + (" or lower max_tokens" if request.max_tokens else ""),
-                "messages",
-                code="context_length_exceeded",
-            )
-        job.emit("started", len(prompt))
+        max_new_tokens = job.prompt.max_new_tokens  # the prompt was counted and fits: see RequestReader
+        job.emit("started", job.prompt.tokens)
         if request.seed is not None:
             torch.manual_seed(request.seed)
         settings = dict(
@@ -448,21 +591,21 @@ def create_app(
     max_new_tokens: int = 512,
     temperature: float = 0.8,
     top_p: float = 0.8,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ):
     """The FastAPI app serving `chat` (a glm_sft.inference.ChatModel)."""
     served_name = served_name or chat.name
     created = int(time.time())
-    worker = ModelWorker(chat, max_new_tokens)
+    reader = RequestReader(chat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    worker = ModelWorker(chat)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
+        reader.close()
         worker.close()
 
     app = FastAPI(title="glm-sft", lifespan=lifespan, docs_url=None, redoc_url=None)
-
-    def error_response(error: RequestError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(RequestError)
     async def request_error(request, error: RequestError):
@@ -473,9 +616,15 @@ def create_app(
         message = f"{request.method} {request.url.path}: {error.detail}"
         return error_response(RequestError(message, status=error.status_code))
 
+    @app.exception_handler(Exception)
+    async def server_error(request, error: Exception):  # a bug: an OpenAI error body, the traceback in the log
+        return error_response(RequestError("the server failed on this request; see its log", status=500))
+
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)  # inside the key check: added first
+
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+        if api_key and request.url.path != "/health":  # the OpenAPI schema too: nothing else answers without it
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
@@ -500,14 +649,11 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        raw = await request.body()  # BodyLimit refuses it past max_request_bytes
+        chat_request, prompt = await reader.read(raw)  # a request that will not fit is refused here, not queued
+        job = worker.submit(chat_request, prompt)
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(f"the request body is not valid JSON ({error})") from None
-        chat_request = parse_chat_request(body, temperature=temperature, top_p=top_p)
-        job = worker.submit(chat_request)
-        try:
-            first = await job.events.get()  # the prompt fits (started) or not (error); waits its turn in the queue
+            first = await job.events.get()  # generation has started (or failed); waits its turn in the queue
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
@@ -526,6 +672,45 @@ def create_app(
         return completion.response(event.value)
 
     return app
+
+
+def error_response(error: RequestError) -> JSONResponse:
+    # A body refused for its size is not read to its end: the connection closes after the answer.
+    headers = {"Connection": "close"} if error.status == 413 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets a 413 with an OpenAI error body, at once when its
+    Content-Length says so, else as soon as the bytes received pass it (a chunked upload); nothing past it is read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self) -> RequestError:
+        return RequestError(
+            f"the request body is larger than this server takes ({self.max_bytes} bytes: its --max_request_bytes)",
+            status=413,
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(self.too_large())(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self.too_large()  # answered by the app's RequestError handler
+            return message
+
+        await self.app(scope, counting_receive, send)
 
 
 class JobStream(StreamingResponse):
@@ -642,10 +827,20 @@ def parse_args(argv=None):
     )
     parser.add_argument("--temperature", type=float, default=0.8, help="when a request sets none; 0 means greedy")
     parser.add_argument("--top_p", "--top-p", type=float, default=0.8, help="when a request sets none")
+    parser.add_argument(
+        "--max_request_bytes",
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"larger request bodies get a 413 before they are read (default {DEFAULT_MAX_REQUEST_BYTES}, 4 MiB; "
+        "raise it for a model whose context holds more than about a million characters)",
+    )
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if args.max_request_bytes < 1:
+        parser.error("--max_request_bytes must be at least 1")
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_VARIABLE) or None
     return args
@@ -662,6 +857,7 @@ def main(argv=None):
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        max_request_bytes=args.max_request_bytes,
     )
 
     class AnnouncingServer(uvicorn.Server):
