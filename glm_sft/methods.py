@@ -117,21 +117,28 @@ def prepare_model(model, model_args, training_args) -> None:
             module.requires_grad_(True)
 
 
-def build_peft_config(model_args):
-    """The PEFT config of the chosen method, or None when the model's own weights train (full, freeze)."""
+def build_peft_config(model_args, model=None):
+    """The PEFT config of the chosen method, or None when the model's own weights train (full, freeze). With `model`
+    a mixture-of-experts model, LoRA takes glm_sft.experts' config: per-expert LoRA on the routed experts and the
+    MoE scope of `lora_target`."""
     method = model_args.finetuning_type
     if method in ("lora", "qlora"):
-        from peft import LoraConfig
-
-        return LoraConfig(
+        settings = dict(
             r=model_args.lora_rank,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
-            target_modules=lora_target_modules(model_args.lora_target),
             use_dora=model_args.use_dora,
             use_rslora=model_args.use_rslora,
-            task_type="CAUSAL_LM",
         )
+        if model is not None:
+            from glm_sft.experts import moe_lora_config, routed_experts
+
+            if routed_experts(model):
+                return moe_lora_config(model, lora_target_names(model_args.lora_target), **settings)
+        from peft import LoraConfig
+
+        target_modules = lora_target_modules(model_args.lora_target)
+        return LoraConfig(target_modules=target_modules, task_type="CAUSAL_LM", **settings)
     if method == "ptuning":
         from peft import PrefixTuningConfig
 
@@ -146,29 +153,52 @@ def build_peft_config(model_args):
     return None
 
 
+def lora_target_names(lora_target: str) -> list[str] | None:
+    """The module names `lora_target` lists (ChatGLM aliases resolved), None for `all`."""
+    modules = lora_target_modules(lora_target)
+    return None if modules == "all-linear" else modules
+
+
+# On the MoE models the LoRA of these is LoRA on weight parameters (glm_sft.experts): the MLP layers, the experts and
+# the router (`gate`).
+MOE_PARAMETER_TARGETS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "gate")
+
+
 def check_moe_lora(model_args, family: str) -> None:
-    """Stop before the weights load when LoRA on a mixture-of-experts model asks for dropout PEFT cannot give: on them
-    PEFT (0.21, for transformers v5 models) turns `all` into LoRA on the attention, the routed experts' 3-D weights
-    and the router, and its LoRA on 3-D weights has no dropout."""
+    """Stop before the weights load when LoRA on a mixture-of-experts model asks for what LoRA on weight parameters
+    (PEFT's, and so a plain PEFT load of the adapter) cannot give: DoRA on the MLP layers and experts, dropout on the
+    router. Dropout on the experts works (glm_sft.experts)."""
     from glm_sft.template import MOE_FAMILIES
 
-    if family in MOE_FAMILIES and model_args.finetuning_type in ("lora", "qlora") and model_args.lora_dropout:
+    if family not in MOE_FAMILIES or model_args.finetuning_type not in ("lora", "qlora"):
+        return
+    names = lora_target_names(model_args.lora_target)
+    if model_args.use_dora and (names is None or set(names) & set(MOE_PARAMETER_TARGETS)):
         raise UserError(
-            f"lora_dropout is {model_args.lora_dropout}, but on a mixture-of-experts model ({family} format) PEFT's "
-            "LoRA on the experts' weights has no dropout; set lora_dropout: 0"
+            f"use_dora: on a mixture-of-experts model ({family} format) the LoRA of the MLP layers and the experts is "
+            "LoRA on weight parameters, for which PEFT has no DoRA; set use_dora: false, or name only attention "
+            "modules in lora_target"
+        )
+    if model_args.lora_dropout and names is not None and "gate" in names:
+        raise UserError(
+            f"lora_dropout is {model_args.lora_dropout}, but lora_target names the router (gate), whose LoRA (PEFT's, "
+            "on its weight parameter) has no dropout; set lora_dropout: 0 or leave gate out of lora_target"
         )
 
 
 def lora_scope(model) -> str | None:
-    """Which modules the run's LoRA adapts (their short names, once each), for the start-up summary."""
-    names = set()
+    """Which modules the run's LoRA adapts, for the start-up summary: each once, in model order, by its path inside a
+    decoder layer (`self_attn.q_proj`, `mlp.shared_experts.down_proj`, `mlp.experts.gate_up_proj`)."""
+    names = {}
     for name, module in model.named_modules():
         adapters = getattr(module, "lora_A", None)
         if adapters is not None and len(adapters):
-            short = ".".join(part for part in name.split(".")[-2:] if part != "base_layer")
+            parts = [part for part in name.split(".") if part != "base_layer"]
+            layer = max((index for index, part in enumerate(parts[:-1]) if part == "layers"), default=None)
+            short = ".".join(parts[layer + 2 :] if layer is not None else parts[-1:])
             parameter = getattr(module, "parameter_name", None)
-            names.add(f"{short}.{parameter}" if parameter else name.rsplit(".", 1)[-1])
-    return f"LoRA on {', '.join(sorted(names))}" if names else None
+            names.setdefault(f"{short}.{parameter}" if parameter and parameter != "weight" else short, None)
+    return f"LoRA on {', '.join(names)}" if names else None
 
 
 def count_parameters(model) -> tuple[int, int]:

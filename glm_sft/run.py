@@ -336,7 +336,7 @@ def build_run(recipe: Recipe, model=None) -> Run:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=build_peft_config(model_args),
+        peft_config=build_peft_config(model_args, model),  # on MoE models: glm_sft.experts' expert LoRA
     )
     # Greedy replies to a few fixed prompts at each save and at the end: output_dir/samples.jsonl and SwanLab.
     samples = sample_prompts(training.sample_prompts, eval_rows or train_rows, training.sample_count)

@@ -194,15 +194,20 @@ def test_thinking_families_train_the_reasoning_and_the_answer(family, tmp_path):
 # --- mixture of experts ---
 
 
-def test_moe_lora_targets_attention_and_experts_and_needs_no_dropout(tmp_path):
-    argv = ["--config", "recipes/demo.yaml", "--model_name_or_path", "builtin:tiny-glm45"]
+def test_moe_lora_covers_attention_mlps_and_experts_and_takes_dropout(tmp_path):
+    argv = ["--config", "recipes/demo.yaml", "--model_name_or_path", "builtin:tiny-glm45", "--lora_dropout", "0.1"]
     argv += ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--max_steps", "1"]
     summary = build_run(argv).summary()
-    scope = next(line for line in summary.splitlines() if line.startswith("LoRA on "))
-    for module in ("q_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"):
-        assert module in scope
-    with pytest.raises(UserError, match="set lora_dropout: 0"):
-        build_run([*argv[:-2], "--lora_dropout", "0.1", "--output_dir", str(tmp_path / "out2")])
+    scope = next(line for line in summary.splitlines() if line.startswith("LoRA on ")).removeprefix("LoRA on ")
+    assert scope.split(", ") == [
+        *(f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")),
+        *(f"mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")),  # the dense layer
+        "mlp.experts.down_proj",
+        "mlp.experts.gate_up_proj",
+        *(f"mlp.shared_experts.{name}" for name in ("gate_proj", "up_proj", "down_proj")),
+    ]  # no router (mlp.gate) unless lora_target names it
+    with pytest.raises(UserError, match="names the router"):
+        build_run([*argv[:-6], "--lora_target", "q_proj,gate", "--output_dir", str(tmp_path / "out2")])
 
 
 # --- tool calls round trip, acceptance runs ---
