@@ -12,6 +12,7 @@ README.md model card. It is written into a hidden folder beside --out_dir and re
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -89,6 +90,9 @@ def check_arguments(args) -> tuple[Path, Path]:
         raise UserError(f"--max_shard_size {args.max_shard_size!r} is not a size such as 5GB or 500MB") from None
     if not source.is_dir():
         raise UserError(f"{source}: no such directory")
+    from glm_sft.checkpoints import check_writable_dir, finish_cut_off_save, weights_problem
+
+    finish_cut_off_save(source, reading=True)  # a final save a killed run left half-done: finished first
     if not (source / "adapter_config.json").is_file() and not (source / "config.json").is_file():
         raise UserError(
             f"{source}: not an adapter or model directory (no adapter_config.json or config.json); give the "
@@ -102,8 +106,11 @@ def check_arguments(args) -> tuple[Path, Path]:
         resolved_out, resolved_source = out_dir.resolve(), source.resolve()
         if resolved_source == resolved_out or resolved_out in resolved_source.parents:
             raise UserError(f"--out_dir {out_dir} holds the model being exported; choose another directory")
-    from glm_sft.checkpoints import check_writable_dir, weights_problem
-
+        if os.path.ismount(out_dir):
+            raise UserError(
+                f"--out_dir {out_dir} is a mount point: the export is written beside it and renamed into place, "
+                f"which a mount point cannot be; give a folder inside it, such as {out_dir / source.resolve().name}"
+            )
     check_writable_dir(out_dir.parent, "out_dir")  # the export is written beside out_dir, then renamed
     for name in ("adapter_config.json", "config.json"):
         read_json(source / name)  # a cut-off config is one line here, not a traceback inside the loader
@@ -303,6 +310,7 @@ def prompt_example(tokenizer) -> str:
 
 
 def write_export(folder: Path, model, tokenizer, family: str, config, card: str, max_shard_size: str) -> None:
+    from glm_sft.checkpoints import follow_umask
     from glm_sft.template import save_tokenizer
 
     say(f"saving the model to {folder}")
@@ -310,6 +318,7 @@ def write_export(folder: Path, model, tokenizer, family: str, config, card: str,
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     save_tokenizer(tokenizer, family, folder)  # the checkpoint's own template for the newer generations
     (folder / "README.md").write_text(card, encoding="utf-8")
+    follow_umask(folder)  # safetensors writes its files owner-only
 
 
 def move_into_place(staging: Path, out_dir: Path) -> None:
@@ -317,7 +326,11 @@ def move_into_place(staging: Path, out_dir: Path) -> None:
     old = None
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir, "old"), dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
+        try:
+            os.replace(out_dir, old / out_dir.name)
+        except OSError:
+            old.rmdir()  # nothing was set aside: leave nothing beside out_dir
+            raise
     os.replace(staging, out_dir)
     if old is not None:
         shutil.rmtree(old)
@@ -337,6 +350,11 @@ def main(argv=None):
 
     try:
         model, merged = load_merged_model(source, recipe, dtype)
+    except pickle.UnpicklingError as error:  # a full model's pytorch_model*.bin holding more than tensors
+        from glm_sft.loading import unsafe_pickle_message
+
+        names = sorted(path.name for path in source.glob("*.bin") if path.name != "training_args.bin")
+        raise UserError(unsafe_pickle_message(source, names[0] if len(names) == 1 else "", error)) from None
     except Exception as error:  # a weight file cut off in a way the check above missed (safetensors' own error)
         if not isinstance(error, OSError) and "safetensor" not in type(error).__name__.lower():
             raise
@@ -359,7 +377,7 @@ def main(argv=None):
     except Exception as exception:  # a full disk, a read-only or vanished target: nothing half-written stays
         from glm_sft.checkpoints import folder_size, free_space_note, human_size, storage_error
 
-        if (error := storage_error(exception)) is None:
+        if (error := storage_error(exception, out_dir.parent)) is None:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -1,14 +1,21 @@
 """What a run leaves in output_dir, kept safe: the output_dir checks (writable, finished model, one run at a time), the
-checkpoint to resume from, a clean stop on Ctrl-C / SIGTERM, a final save that never leaves a half-written model and
-never costs the run when it fails.
+checkpoint to resume from, a clean stop on Ctrl-C / SIGTERM or on a checkpoint that cannot be written, a final save
+that never leaves a half-written model and never costs the run when it fails, weights as readable as the other files.
 
 A checkpoint folder `checkpoint-N` is complete once its trainer_state.json exists and reads back, and its weight files
 are whole: transformers writes trainer_state.json last, so a folder without it was cut off while being written; a
 truncated state or weight file (a full disk, a crash of the machine) is caught by reading it. Neither is resumed from.
+
+The final save replaces the model in output_dir as a whole: the new model is written complete into a staging folder,
+then a plan (the files to move in, the old model's files to remove) is written into it, and only then is anything in
+output_dir touched. A process killed before the plan leaves the old model as it was; one killed after it leaves a
+plan that the next train.py, chat_cli, serve or export run in that folder carries out (finish_cut_off_save).
 """
 
 import atexit
 import contextlib
+import errno
+import fnmatch
 import json
 import os
 import re
@@ -16,6 +23,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -32,6 +40,31 @@ STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Where the final save is written before its files are moved into output_dir (a dot folder: no tool lists it).
 STAGING_NAME = ".saving-final-model"
+# In the staging folder once the new model in it is complete: {"move": [files], "remove": [old files], "complete"}.
+SWAP_PLAN = ".swap-plan.json"
+# The files a final save can write at the top of output_dir: those of an old model that the new one does not have are
+# removed with it (an adapter's files beside a new full model, shards of a larger model, a chat_template.jinja that
+# would override the new tokenizer's template).
+MODEL_FILE_PATTERNS = (
+    "adapter_config.json",
+    "adapter_model.*",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "training_args.bin",
+    "trainer_state.json",
+    "recipe.yaml",
+    "run.json",
+)
 # Held by the run training into output_dir: {"pid", "host", "started"}; created atomically, removed at the end.
 LOCK_NAME = ".glm-sft.lock"
 
@@ -57,9 +90,11 @@ def check_writable_dir(path, what: str = "output_dir") -> None:
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
     """Refuse to train over a finished model unless asked to, so a re-run never silently destroys a result; refuse an
-    output_dir that cannot be written, before training rather than at the final save."""
+    output_dir that cannot be written, before training rather than at the final save. A final save into it that was
+    cut off is finished first (or undone, when cut off before its new model was complete)."""
     check_writable_dir(output_dir)
     path = Path(output_dir)
+    finish_cut_off_save(path)
     finished = [name for name in FINISHED_MARKERS if (path / name).exists()]
     if finished and not overwrite:
         raise UserError(
@@ -264,15 +299,23 @@ class GracefulStop(TrainerCallback):
     Use `with stop.catching_signals(): trainer.train(...)`. After the first signal the previous handlers are back,
     so a second Ctrl-C raises KeyboardInterrupt as usual. With several processes, a signal seen by any of them
     stops all of them at the same step.
+
+    The checkpoints the trainer saves get the same care: their weight files follow the umask (follow_umask), and a
+    checkpoint that cannot be written (a full disk) ends training inside catching_signals with a UserError that says
+    what failed, the space a checkpoint needs, that the partial checkpoint was removed, which complete checkpoint is
+    left and the command that resumes from it (`argv`: the user's command line, else sys.argv).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: bool = True):
+    def __init__(self, announce: bool = True, argv: list[str] | None = None):
         self.announce = announce
+        self.argv = argv
         self.signal_number = None  # the signal received, if any
         self.stopped_at_step = None  # the step at which training was stopped and a checkpoint saved, if it was
         self._previous_handlers = {}
+        self._training = None  # (args, state, model) of the training under way, from on_train_begin
+        self._saving = None  # the checkpoint folder the trainer is about to write (or writing), until on_save
 
     @property
     def exit_code(self) -> int:
@@ -284,6 +327,11 @@ class GracefulStop(TrainerCallback):
         self._install()
         try:
             yield self
+        except Exception as error:
+            if self._saving is None or (failure := storage_error(error, self._saving.parent)) is None:
+                raise
+            _close_progress_bars()  # the trainer's bar ends its line: the error is a line of its own
+            raise UserError(self._failed_checkpoint_message(failure)) from None
         finally:
             self._restore()
 
@@ -317,15 +365,63 @@ class GracefulStop(TrainerCallback):
         command = resume_command(argv, several_processes=several_processes)
         return f"stopped at step {self.stopped_at_step} of {max_steps}; {where}; resume with: {command}"
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._training = (args, state, model)
+
     def on_step_end(self, args, state, control, **kwargs):
         # Every process takes part in the check at every step, so that all of them stop at the same one.
-        if not true_on_any_process(self.signal_number is not None, args) or self.stopped_at_step is not None:
-            return
-        if state.global_step >= state.max_steps:
-            return  # that was the last step: the run finishes normally
-        self.stopped_at_step = state.global_step
-        control.should_save = True
-        control.should_training_stop = True
+        if true_on_any_process(self.signal_number is not None, args) and self.stopped_at_step is None:
+            if state.global_step < state.max_steps:  # else that was the last step: the run finishes normally
+                self.stopped_at_step = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+        self._note_save(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._note_save(args, state, control)
+
+    def _note_save(self, args, state, control) -> None:
+        """The trainer saves checkpoint-N right after this step's (or epoch's) callbacks when should_save is set."""
+        output_dir = getattr(args, "output_dir", None)
+        self._saving = (
+            Path(output_dir) / f"checkpoint-{state.global_step}" if control.should_save and output_dir else None
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._saving is not None and state.is_world_process_zero and self._saving.is_dir():
+            follow_umask(self._saving)
+        self._saving = None
+
+    def _failed_checkpoint_message(self, failure: OSError) -> str:
+        """The one line for a checkpoint that could not be written; removes what was written of it (main process)."""
+        args, state, model = self._training or (None, None, None)
+        checkpoint, output_dir = self._saving, self._saving.parent
+        written = folder_size(checkpoint)
+        removed = ""
+        if checkpoint.is_dir() and not is_complete(checkpoint) and getattr(state, "is_world_process_zero", True):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            removed = f"the partial {checkpoint.name} was removed; "
+        complete, _ = list_checkpoints(output_dir)
+        needed = folder_size(complete[-1]) if complete else max(written, _checkpoint_size(model))
+        command = resume_command(self.argv, several_processes=getattr(args, "world_size", 1) > 1)
+        if complete:
+            last = f"the last complete checkpoint is {complete[-1]}; once there is room, resume with: {command}"
+        else:
+            last = f"no earlier checkpoint is complete; once there is room, run again from the start: {command}"
+        where = f" ({failure.filename})" if failure.filename else ""
+        step = checkpoint.name.removeprefix("checkpoint-")
+        return (
+            f"training stopped at step {step}: saving {checkpoint} failed: {failure.strerror or failure}{where}; a "
+            f"checkpoint needs about {human_size(needed)}{free_space_note(output_dir)}; {removed}{last}"
+        )
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars still open (the trainer's, when training stops on an error)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def resume_command(argv: list[str] | None = None, several_processes: bool = False) -> str:
@@ -347,8 +443,8 @@ def resume_command(argv: list[str] | None = None, several_processes: bool = Fals
 
 def save_final_model(trainer, output_dir, write_extra_files, argv=None, several_processes=False) -> None:
     """trainer.save_model plus write_extra_files(folder), written into a staging folder inside output_dir and then
-    moved into place file by file with os.replace: each file of the result appears complete or not at all, so a
-    finished model is never overwritten by a half-written one.
+    put in place of the model output_dir held as a whole (move_into_place): a finished model is never overwritten by a
+    half-written one, nor left beside parts of the old one, even when the process is killed.
 
     A save that fails (a full disk, permissions) does not cost the run: the staging folder is removed, the trained
     weights are kept (in the checkpoint of the last step, else written to a folder in the system's temporary
@@ -362,29 +458,41 @@ def save_final_model(trainer, output_dir, write_extra_files, argv=None, several_
     is_main = trainer.is_world_process_zero()
     failure = None
     if is_main and staging.exists():
-        shutil.rmtree(staging, ignore_errors=True)  # left over from a save that was cut off
+        finish_cut_off_save(output_dir)  # left over from a save that was cut off: finished, or removed
+        shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(staging))
         if is_main:
             write_extra_files(staging)
+            follow_umask(staging)
             move_into_place(staging, output_dir)
     except Exception as error:
-        if (failure := storage_error(error)) is None:
+        if (failure := storage_error(error, output_dir)) is None:
             raise
     if true_on_any_process(failure is not None, getattr(trainer, "args", None)):
         _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, failure, argv, several_processes)
     trainer.accelerator.wait_for_everyone()
 
 
-def storage_error(error: Exception) -> OSError | None:
-    """The OSError a failed write amounts to (safetensors raises its own error for a full disk), or None when the
-    error is not about storage."""
+def storage_error(error: Exception, folder=None) -> OSError | None:
+    """The OSError a failed write amounts to, or None when the error is not about storage. safetensors raises its own
+    error for a full disk (with the errno in its text); torch.save a RuntimeError from its zip writer with no errno,
+    taken for a full disk when `folder` (where it was writing) has next to no space left."""
     if isinstance(error, OSError):
         return error
-    found = re.search(r"os error (\d+)", str(error))
+    text = str(error)
+    found = re.search(r"os error (\d+)", text)
     if "safetensor" in type(error).__name__.lower() and found:
         return OSError(int(found[1]), os.strerror(int(found[1])))
+    if isinstance(error, RuntimeError) and ("inline_container.cc" in text or "PytorchStreamWriter" in text):
+        try:
+            full = folder is not None and shutil.disk_usage(folder).free < 1024 * 1024
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return OSError(errno.EIO, "a file could not be written completely (torch.save)")
     return None
 
 
@@ -432,6 +540,15 @@ def _weights_size(model) -> int:
     )
 
 
+def _checkpoint_size(model) -> int:
+    """About what a checkpoint of `model` takes: its saved weights and, for each trainable value, Adam's two fp32
+    moments."""
+    if model is None:
+        return 0
+    trainable = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters() if p.requires_grad)
+    return _weights_size(model) + 8 * trainable
+
+
 def _rescue_folder(output_dir: Path, step: int) -> Path:
     base = Path(tempfile.gettempdir()) / f"glm-sft-{output_dir.name or 'run'}-final-step-{step}"
     folder, number = base, 1
@@ -462,8 +579,9 @@ def _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, fai
                 trainer.save_model(str(rescue))
                 if is_main:
                     write_extra_files(rescue)
+                    follow_umask(rescue)
             except Exception as error:
-                if (rescue_failure := storage_error(error)) is None:
+                if (rescue_failure := storage_error(error, rescue.parent)) is None:
                     raise
                 raise rescue_failure from error
             needed = max(needed, folder_size(rescue))
@@ -489,13 +607,156 @@ def _keep_the_trained_model(trainer, output_dir, staging, write_extra_files, fai
 
 
 def move_into_place(staging: Path, output_dir: Path) -> None:
-    """Move every file under staging to the same place under output_dir, each with one atomic os.replace."""
-    files = sorted(path for path in staging.rglob("*") if path.is_file())
-    files.sort(key=lambda path: path.name in FINISHED_MARKERS)  # stable: markers last, the rest in name order
-    for source in files:
-        target = output_dir / source.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(source, "rb") as file:
+    """Put the complete model in staging in place of the model output_dir holds, as a whole.
+
+    First the plan: every file under staging (the files that mark a finished model last) and the old model's files
+    the new one does not have, written into staging and flushed to disk. From then on the swap is decided: a process
+    killed while carrying it out leaves the plan, which finish_cut_off_save carries out at the next start. A failure
+    before the plan is complete (a full disk) leaves output_dir untouched.
+    """
+    files = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+    files = [name for name in files if name != SWAP_PLAN]
+    files.sort(key=lambda name: name in FINISHED_MARKERS)  # stable: markers last, the rest in name order
+    new = set(files)
+    stale = sorted(
+        path.name
+        for path in output_dir.iterdir()
+        if path.is_file() and path.name not in new and any(fnmatch.fnmatch(path.name, p) for p in MODEL_FILE_PATTERNS)
+    )
+    for name in files:
+        with open(staging / name, "rb") as file:
             os.fsync(file.fileno())  # the content is on disk before the name points at it
-        os.replace(source, target)
-    shutil.rmtree(staging)
+    plan = staging / SWAP_PLAN
+    try:
+        with open(plan, "w", encoding="utf-8") as file:
+            json.dump({"move": files, "remove": stale, "complete": True}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        _fsync_folder(staging)
+    except BaseException:
+        plan.unlink(missing_ok=True)  # not decided: the old model stays
+        raise
+    try:
+        _carry_out(staging, output_dir, files, stale)
+    except OSError as error:
+        raise UserError(
+            f"the final save into {output_dir} stopped while putting the new model in place ({error.strerror or error}"
+            f"{f': {error.filename}' if error.filename else ''}); the new model is complete in {staging}: the next "
+            f"train.py, chat_cli.py or export.py run on {output_dir} finishes putting it in place"
+        ) from None
+
+
+def _carry_out(staging: Path, output_dir: Path, files: list[str], stale: list[str]) -> None:
+    """The swap of a plan: remove the old model's files the new one does not have, move the new files in. Each step
+    is skipped where it was done already (a second run of a plan, another process carrying out the same one)."""
+    for name in stale:
+        (output_dir / name).unlink(missing_ok=True)
+    for name in files:
+        source, target = staging / name, output_dir / name
+        if not source.is_file():
+            continue  # moved in already
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            if source.exists():
+                raise
+    _fsync_folder(output_dir)
+    (staging / SWAP_PLAN).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Renames and new names in folder on disk (where the file system lets a folder be flushed)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _read_plan(staging: Path) -> dict | None:
+    """The plan in a staging folder, or None when there is none or it was cut off while being written."""
+    try:
+        plan = json.loads((staging / SWAP_PLAN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(plan, dict) or plan.get("complete") is not True:
+        return None
+    move, remove = plan.get("move"), plan.get("remove")
+    if not all(isinstance(names, list) and all(isinstance(name, str) for name in names) for names in (move, remove)):
+        return None
+    return plan
+
+
+def _saving_now(folder: Path) -> dict | None:
+    """The owner of folder's lock when it is another process that is running (a training run saving into it)."""
+    owner = _lock_owner(folder / LOCK_NAME)
+    if owner is None or (owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname()):
+        return None
+    if owner.get("host") == socket.gethostname() and not process_alive(owner["pid"]):
+        return None
+    return owner
+
+
+def finish_cut_off_save(folder, reading: bool = False) -> None:
+    """A final save into `folder` that a killed process left is finished (its plan was written: the new model is
+    complete) or removed (cut off before that: the old model is untouched), so that folder holds one complete model.
+
+    Nothing is touched while another running process holds folder's lock (it is saving now): train.py's own lock
+    check refuses that run; a reader (`reading`: chat_cli, serve, export) gets a UserError when the model in folder is
+    being replaced at that moment.
+    """
+    folder = Path(folder)
+    staging = folder / STAGING_NAME
+    if not staging.is_dir():
+        return
+    plan = _read_plan(staging)
+    if (owner := _saving_now(folder)) is not None:
+        if reading and plan is not None:
+            raise UserError(
+                f"{folder} is being replaced by the final save of a training run (pid {owner['pid']} on "
+                f"{owner.get('host')}); wait for it to finish"
+            )
+        return
+    try:
+        if plan is None:
+            shutil.rmtree(staging, ignore_errors=True)  # cut off before it was complete: the old model is whole
+            return
+        _carry_out(staging, folder, plan["move"], plan["remove"])
+    except OSError as error:
+        raise UserError(
+            f"{folder}: a final save into it was cut off and cannot be finished ({error.strerror or error}); "
+            f"make {folder} writable and run this again, or train again into it"
+        ) from None
+    print(
+        f"note: finished the final save into {folder} that was cut off (the new model is now in place)",
+        file=sys.stderr,
+    )
+
+
+def current_umask() -> int:
+    """This process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder) -> None:
+    """Give the weight files under `folder` the permissions of the other files of a save (0644 under umask 022):
+    safetensors writes them owner-only (0600), whatever the umask."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*.safetensors"):
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != mode:
+            os.chmod(path, mode)

@@ -5,6 +5,7 @@ Names are a local directory, a hub id (found in the local cache or downloaded) o
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -200,23 +201,78 @@ def quiet_transformers() -> None:
 
 
 def read_run_recipe(folder) -> dict:
-    """The recipe.yaml train.py saved with a result: in the folder, or in the run's output_dir for a checkpoint-N."""
-    import yaml
+    """The recipe.yaml train.py saved with a result: in the folder, or in the run's output_dir for a checkpoint-N.
+
+    A final save into the folder that a killed run left half-done is finished first (checkpoints.finish_cut_off_save).
+    The file is read as plain YAML: a tag that would build a Python object is refused, in one line, not loaded."""
+    from glm_sft.checkpoints import finish_cut_off_save
 
     folder = Path(folder)
+    finish_cut_off_save(folder, reading=True)
     for candidate in (folder, folder.parent):
         if (candidate / "recipe.yaml").is_file():
-            return yaml.safe_load((candidate / "recipe.yaml").read_text(encoding="utf-8")) or {}
+            if candidate != folder:
+                finish_cut_off_save(candidate, reading=True)
+            return read_recipe_file(candidate / "recipe.yaml")
     return {}
 
 
+def read_recipe_file(path: Path) -> dict:
+    """A saved recipe.yaml as a dict; a UserError naming the file when it is not plain YAML or not a mapping."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as error:
+        found = re.search(r"tag '([^']+)'", error.problem or "")
+        tag = f" ({found[1].replace('tag:yaml.org,2002:', '!!')})" if found else ""
+        where = f" at line {error.problem_mark.line + 1}" if error.problem_mark else ""
+        raise UserError(
+            f"{path}: holds a YAML tag that would build a Python object{tag}{where}; not loaded, for safety (a recipe "
+            "train.py writes is plain YAML: remove the tag or the file)"
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', None) or error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot be read ({getattr(error, 'strerror', None) or error})") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: not a recipe (a YAML mapping of keys), but a {type(recipe).__name__}")
+    return recipe
+
+
 def load_adapter_model(adapter_dir, base: str, recorded_base: str | None, *, dtype=None, trust_remote_code=False):
-    """`base` with the adapter in `adapter_dir` applied, after checking it is the architecture the adapter knows."""
+    """`base` with the adapter in `adapter_dir` applied, after checking it is the architecture the adapter knows.
+
+    Adapter weights in a pickle file (adapter_model.bin) load as plain tensors only (weights_only): a file that holds
+    anything else is refused in one line, never unpickled."""
+    import pickle
+
     from peft import PeftModel
 
+    from glm_sft.checkpoints import finish_cut_off_save
+
+    finish_cut_off_save(adapter_dir, reading=True)
     check_adapter_base(str(adapter_dir), recorded_base, base)
     model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
-    return PeftModel.from_pretrained(model, str(adapter_dir))
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except pickle.UnpicklingError as error:
+        raise UserError(unsafe_pickle_message(adapter_dir, "adapter_model.bin", error)) from None
+
+
+def unsafe_pickle_message(folder, name: str, error: Exception) -> str:
+    """The one line for a pickled weights file that torch refused to load as plain tensors (weights_only)."""
+    path = Path(folder) / name
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(error))
+    what = f" ({found[1]})" if found else ""
+    return (
+        f"{path if path.is_file() else folder}: holds pickled Python objects besides tensors{what}; not loaded, for "
+        "safety (unpickling can run any code); use weights saved as safetensors"
+    )
 
 
 ARCHITECTURE_KEYS = (

@@ -93,7 +93,7 @@ class Run:
             if self.trainer.eval_dataset is not None:
                 self.trainer.evaluate()
             return None
-        stop = GracefulStop(announce=self.is_main)
+        stop = GracefulStop(announce=self.is_main, argv=self.recipe.argv)
         self.trainer.add_callback(stop)
         with stop.catching_signals():
             self.trainer.train(resume_from_checkpoint=checkpoint)

@@ -441,8 +441,16 @@ def _probe_message(tokenizer, family: str, difference: str, model_type: str | No
 
 
 def attach_template(tokenizer, family: str) -> None:
-    """Give the tokenizer the family's training-ready template (the same text as the official one) and a pad token;
-    the template it shipped with stays in `shipped_chat_template`, for the output directory."""
+    """Give the tokenizer the family's training-ready template (the same text as the official one), its response
+    template and a pad token; the template it shipped with stays in `shipped_chat_template`, for the output directory.
+
+    The response template (glm_sft.responses; ours even over one the checkpoint came with: it is the tested one) goes
+    into tokenizer_config.json with every save (results, checkpoints, exports), so that transformers
+    (`parse_response`, `transformers serve`, the pipelines) reads the model's replies, reasoning and calls as
+    parse_reply does."""
+    from glm_sft.responses import response_template
+
+    tokenizer.response_template = response_template(family)
     if not hasattr(tokenizer, "shipped_chat_template"):
         tokenizer.shipped_chat_template = tokenizer.chat_template
     # A checkpoint shipping a released variant of the format (GLM-4-0414's tokenizer_config form) trains in it.
@@ -454,7 +462,8 @@ def attach_template(tokenizer, family: str) -> None:
 
 def save_tokenizer(tokenizer, family: str, folder) -> None:
     """The tokenizer as a result ships it: the newer generations with the checkpoint's own template when it came with
-    one (it passed the probe check, or the user chose our format over it), else with ours."""
+    one (it passed the probe check, or the user chose our format over it), else with ours; with the family's response
+    template (attach_template)."""
     ours = tokenizer.chat_template
     shipped = shipped_template(tokenizer)
     own = shipped and family in NEWER_FAMILIES

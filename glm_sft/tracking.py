@@ -6,11 +6,18 @@ starts the run it logs to, so that the mode is ours to choose and nothing ever w
   recipe key swanlab_mode, else the SWANLAB_MODE environment variable, else cloud when an API key is available
   (SWANLAB_API_KEY, or `swanlab login`) and SwanLab's server answers, else local. Local and offline runs are
   written under output_dir/swanlog (`swanlab watch output_dir/swanlog` shows the local dashboard).
+
+SwanLab hooks into the process while a run is open: it wraps sys.stdout's and sys.stderr's write (to log the
+console), installs a SIGINT handler and sys.excepthook. The SIGINT handler is given back at once (training's own
+GracefulStop handles Ctrl-C; outside training Ctrl-C stops as usual), the rest when the run finishes, so that a
+process that runs several trainings (tests, notebooks) gets its streams and handlers back as they were.
 """
 
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,6 +27,11 @@ from glm_sft import UserError
 SWANLAB_MODES = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
 LOG_FOLDER = "swanlog"
 LOSS_PLOT = "loss.png"
+# What start_swanlab found before SwanLab hooked in (stream writes, signal handlers, excepthook), for finish_swanlab.
+_found_hooks: dict | None = None
+_STREAMS = ("stdout", "stderr")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_MISSING = object()  # a stream without a `write` attribute of its own (the usual case)
 
 
 def resolve_swanlab_mode(requested: str | None, training_args) -> str | None:
@@ -79,9 +91,13 @@ def start_swanlab(mode: str, training_args, *, config: dict) -> None:
     """Start the SwanLab run that transformers' SwanLabCallback then logs metrics to. Main process only.
 
     Project: swanlab_project, else SWANLAB_PROJECT, else glm-sft; experiment: run_name, else output_dir's name.
+    A run an earlier training in this process left open (it stopped before finishing) is finished first.
     """
+    global _found_hooks
     import swanlab
 
+    finish_swanlab()
+    found = _process_hooks()
     output_dir = Path(training_args.output_dir)
     options = dict(
         project=training_args.swanlab_project or os.environ.get("SWANLAB_PROJECT") or "glm-sft",
@@ -90,13 +106,19 @@ def start_swanlab(mode: str, training_args, *, config: dict) -> None:
         config=config,
         settings=swanlab.Settings(interactive=False),  # never a login prompt
     )
+    _found_hooks = found
     try:
-        swanlab.init(mode=mode, **options)
-    except Exception as error:  # a cloud run that cannot log in or connect must not stop training
-        if mode != "online":
-            raise
-        print(f"warning: SwanLab cloud mode failed ({error}); tracking locally instead", file=sys.stderr)
-        swanlab.init(mode="local" if _has_swanboard() else "offline", reinit=True, **options)
+        try:
+            swanlab.init(mode=mode, **options)
+        except Exception as error:  # a cloud run that cannot log in or connect must not stop training
+            if mode != "online":
+                raise
+            print(f"warning: SwanLab cloud mode failed ({error}); tracking locally instead", file=sys.stderr)
+            swanlab.init(mode="local" if _has_swanboard() else "offline", reinit=True, **options)
+    except BaseException:
+        finish_swanlab()
+        raise
+    _give_back_signal_handlers(found)
 
 
 def active_swanlab():
@@ -109,9 +131,76 @@ def active_swanlab():
 
 
 def finish_swanlab() -> None:
+    """Finish the active SwanLab run, if any; give back the stream writes, signal handlers and sys.excepthook that
+    start_swanlab found."""
+    global _found_hooks
     swanlab = active_swanlab()
-    if swanlab is not None:
-        swanlab.finish()
+    found, _found_hooks = _found_hooks, None
+    before = _process_hooks()
+    try:
+        if swanlab is not None:
+            swanlab.finish()
+    finally:
+        if found is not None:
+            _give_back(found, before)
+
+
+def _process_hooks() -> dict:
+    """The hooks SwanLab changes: each stream object with its own `write` attribute (SwanLab sets one on the object
+    to capture the console; _MISSING when there is none), the signal handlers, sys.excepthook."""
+    streams = {}
+    for name in _STREAMS:
+        stream = getattr(sys, name)
+        streams[name] = (stream, getattr(stream, "__dict__", {}).get("write", _MISSING))
+    return {
+        "streams": streams,
+        "signals": {number: signal.getsignal(number) for number in _SIGNALS},
+        "excepthook": sys.excepthook,
+    }
+
+
+def _set_write(stream, write) -> None:
+    try:
+        if write is _MISSING:
+            if "write" in getattr(stream, "__dict__", {}):
+                del stream.write
+        else:
+            stream.write = write
+    except (AttributeError, TypeError):
+        pass  # a stream that takes no attributes was not wrapped either
+
+
+def _give_back_signal_handlers(found: dict) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers are set from the main thread only (SwanLab set none elsewhere)
+    for number, handler in found["signals"].items():
+        if handler is not None and signal.getsignal(number) is not handler:
+            signal.signal(number, handler)
+
+
+def _give_back(found: dict, before_finish: dict) -> None:
+    """After SwanLab's finish: the streams start_swanlab found write as they did then. SwanLab's own clean-up sets
+    the write it wrapped on whatever sys.stdout is at the end (under pytest, another test's stream, closed by then):
+    the streams current at the finish get back the write they had just before it."""
+    for name in _STREAMS:
+        stream, write = found["streams"][name]
+        current, current_write = before_finish["streams"][name]
+        if current is not stream:
+            _set_write(current, current_write)
+        _set_write(stream, write)
+        if _from_swanlab(getattr(sys, name)):  # a stream object of SwanLab's own left in place
+            setattr(sys, name, current if not _from_swanlab(current) else stream)
+    _give_back_signal_handlers(found)
+    if sys.excepthook is not found["excepthook"] and _from_swanlab(sys.excepthook):
+        sys.excepthook = found["excepthook"]
+
+
+def _from_swanlab(thing) -> bool:
+    """A function, bound method or object of SwanLab's."""
+    owner = getattr(thing, "__self__", thing)
+    return type(owner).__module__.startswith("swanlab") or (getattr(thing, "__module__", None) or "").startswith(
+        "swanlab"
+    )
 
 
 def log_metrics(metrics: dict, prefix: str, step: int | None = None) -> None:
