@@ -219,18 +219,6 @@ def final_losses(source: Path) -> tuple[str, str]:
     )
 
 
-def run_facts(source: Path) -> dict:
-    """The run.json train.py wrote with its result (rows used, steps, final losses): in the folder or, for a
-    checkpoint-N, in the run's output_dir; {} for results of older versions."""
-    for folder in (source, source.parent):
-        if (folder / "run.json").is_file():
-            try:
-                return read_json(folder / "run.json")
-            except UserError:
-                return {}
-    return {}
-
-
 def model_card(
     source: Path, recipe: dict, merged: dict, family: str, dtype_name: str, tokenizer, architecture: str
 ) -> str:
@@ -238,8 +226,10 @@ def model_card(
     method = recipe.get("finetuning_type") or ("lora" if merged else "full or freeze (not recorded)")
     if merged.get("dora") and method == "lora":
         method = "lora (DoRA)"
+    from glm_sft.inference import read_run_facts, switches_lines, switches_note
+
     train_loss, eval_loss = final_losses(source)
-    facts = run_facts(source)
+    facts = read_run_facts(source)
     train_rows, eval_rows = (
         f"{facts[key]} rows" if isinstance(facts.get(key), int) else "row count not recorded"
         for key in ("train_rows", "eval_rows")
@@ -261,6 +251,7 @@ def model_card(
             "model used in training."
         )
     prompt = prompt_example(tokenizer)
+    switches = "".join(f", {key}={value!r}" for key, value in (facts.get("chat_template_kwargs") or {}).items())
     lines = [
         "# Fine-tuned GLM model",
         "",
@@ -272,6 +263,7 @@ def model_card(
         f"- base model: {base}",
         f"- method: {method}",
         f"- chat format: {family} (`{prompt}`)",
+        *switches_lines(facts),
         *data,
         f"- final train loss: {train_loss}",
         f"- final eval loss: {eval_loss}",
@@ -289,7 +281,7 @@ def model_card(
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/dir", dtype="auto", device_map="auto")',
         'messages = [{"role": "user", "content": "你好"}]',
         "inputs = tokenizer.apply_chat_template(",
-        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+        f'    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True{switches}',
         ").to(model.device)",
         "output = model.generate(**inputs, max_new_tokens=256)  # stops at the family's end-of-turn tokens",
         "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
@@ -297,6 +289,7 @@ def model_card(
         "",
         "Or `python chat_cli.py --model path/to/this/dir` from glm-sft; vLLM serves the directory as it is.",
         "",
+        *switches_note(facts),
     ]
     return "\n".join(line for line in lines if line is not None)
 
@@ -309,8 +302,11 @@ def prompt_example(tokenizer) -> str:
     return text.replace("\n", "\\n")
 
 
-def write_export(folder: Path, model, tokenizer, family: str, config, card: str, max_shard_size: str) -> None:
+def write_export(
+    folder: Path, model, tokenizer, family: str, config, card: str, max_shard_size: str, facts: dict
+) -> None:
     from glm_sft.checkpoints import follow_umask
+    from glm_sft.inference import RUN_FACTS
     from glm_sft.template import save_tokenizer
 
     say(f"saving the model to {folder}")
@@ -318,6 +314,8 @@ def write_export(folder: Path, model, tokenizer, family: str, config, card: str,
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     save_tokenizer(tokenizer, family, folder)  # the checkpoint's own template for the newer generations
     (folder / "README.md").write_text(card, encoding="utf-8")
+    if facts:  # the run's record, with the template switches the model answers with (chat_cli, serve, webchat)
+        (folder / RUN_FACTS).write_text(json.dumps(facts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     follow_umask(folder)  # safetensors writes its files owner-only
 
 
@@ -342,6 +340,7 @@ def main(argv=None):
     source, out_dir = check_arguments(args)
     clean_stale_staging(out_dir)
 
+    from glm_sft.inference import read_run_facts
     from glm_sft.loading import quiet_transformers, read_run_recipe, torch_dtype
 
     quiet_transformers()
@@ -372,7 +371,8 @@ def main(argv=None):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
-        write_export(staging, model, tokenizer, family, config, card, args.max_shard_size)
+        facts = read_run_facts(source)
+        write_export(staging, model, tokenizer, family, config, card, args.max_shard_size, facts)
         move_into_place(staging, out_dir)
     except Exception as exception:  # a full disk, a read-only or vanished target: nothing half-written stays
         from glm_sft.checkpoints import folder_size, free_space_note, human_size, storage_error

@@ -460,3 +460,28 @@ def load_from_arguments(args) -> ChatModel:
     given = check_switches(args.chat_template_kwargs, chat.family, "--chat_template_kwargs")
     chat.template_kwargs.update(given)  # over the run's own
     return chat
+
+
+def switches_lines(facts: dict) -> list[str]:
+    """A model card's lines on what the run's replies held of reasoning and the template switches the model answers
+    with (run.json); none for a result of an older version."""
+    if "chat_template_kwargs" not in facts:
+        return []
+    switches = ", ".join(f"`{key}={json.dumps(value)}`" for key, value in facts["chat_template_kwargs"].items())
+    return [
+        f"- reasoning in the trained replies: {facts.get('reasoning', 'not recorded')}",
+        f"- template switches it answers with by default: {switches or 'none'}",
+    ]
+
+
+def switches_note(facts: dict) -> list[str]:
+    """A model card's note on serving a model that answers with template switches (none when it has none)."""
+    switches = facts.get("chat_template_kwargs")
+    if not switches:
+        return []
+    return [
+        "It answers as it trained with the template switches above: glm-sft's chat_cli, serve.py and webchat.py pass "
+        "them by themselves (run.json); with vLLM, `transformers serve` or another OpenAI-compatible server, send "
+        f'`"chat_template_kwargs": {json.dumps(switches)}` with each request.',
+        "",
+    ]

@@ -25,7 +25,7 @@ from glm_sft.checkpoints import (
 from glm_sft.data import read_datasets
 from glm_sft.distributed import check_launch, main_process_output
 from glm_sft.evaluation import predict_after_training
-from glm_sft.inference import RUN_FACTS, generation_config_for
+from glm_sft.inference import RUN_FACTS, generation_config_for, switches_lines, switches_note
 from glm_sft.loading import load_model, load_tokenizer, torch_dtype
 from glm_sft.methods import (
     build_peft_config,
@@ -240,8 +240,7 @@ def model_card(run: Run, facts: dict) -> str:
             f"- base model: {model_args.model_name_or_path}",
             f"- method: {model_args.finetuning_type}",
             f"- chat format: {run.family}",
-            f"- reasoning in the trained replies: {facts['reasoning']}",
-            f"- template switches it answers with by default: {switches_text(facts['chat_template_kwargs'])}",
+            *switches_lines(facts),
             f"- training data: {data_args.dataset_name} ({facts['train_rows']} rows, {facts['train_sequences']} "
             "training sequences)",
             f"- evaluation data: {evaluation}",
@@ -259,26 +258,9 @@ def model_card(run: Run, facts: dict) -> str:
             "python export.py path/to/this/dir --out_dir exported/my-model   # one plain transformers directory",
             "```",
             "",
-            *switches_note(facts["chat_template_kwargs"]),
+            *switches_note(facts),
         ]
     )
-
-
-def switches_note(switches: dict) -> list[str]:
-    """A model card's note on serving a model that answers with template switches (none when it has none)."""
-    if not switches:
-        return []
-    return [
-        "It answers as it trained with the template switches above: glm-sft's chat_cli, serve.py and webchat.py pass "
-        "them by themselves (run.json); with vLLM, `transformers serve` or another OpenAI-compatible server, send "
-        f'`"chat_template_kwargs": {json.dumps(switches)}` with each request.',
-        "",
-    ]
-
-
-def switches_text(switches: dict) -> str:
-    """The template switches as a model card lists them (`enable_thinking=false`), or "none"."""
-    return ", ".join(f"`{key}={json.dumps(value)}`" for key, value in switches.items()) or "none"
 
 
 def build_run(recipe: Recipe, model=None) -> Run:

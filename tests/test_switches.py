@@ -142,6 +142,7 @@ def test_the_result_answers_with_the_switches_it_trained_with(
     them, and --chat_template_kwargs overrides them."""
     import argparse
 
+    import export
     import train
     from glm_sft.inference import load_chat_model, load_from_arguments
 
@@ -170,6 +171,14 @@ def test_the_result_answers_with_the_switches_it_trained_with(
     chat = load_from_arguments(args)
     assert chat.template_kwargs == {**switches, "enable_thinking": True}
     assert chat.tokenizer.decode(chat.prompt_ids(messages)[0]).endswith("<|assistant|><think>")
+    # The merged export keeps the record: chat_cli --model answers with the same switches; its card gives them.
+    exported = tmp_path / "exported"
+    export.main([str(output_dir), "--out_dir", str(exported), "--dtype", "fp32"])
+    assert json.loads((exported / "run.json").read_text(encoding="utf-8")) == facts
+    assert load_chat_model(model=str(exported)).template_kwargs == switches
+    card = (exported / "README.md").read_text(encoding="utf-8")
+    assert f'"chat_template_kwargs": {json.dumps(switches)}' in card
+    assert "".join(f", {key}={value!r}" for key, value in switches.items()) in card  # the usage example passes them
 
 
 def test_glmz1_replies_without_reasoning_train_after_the_think_its_prompt_opens():
