@@ -5,6 +5,7 @@ Names are a local directory, a hub id (found in the local cache or downloaded) o
 
 import json
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -182,9 +183,11 @@ def load_model(model_name_or_path: str, *, dtype=None, trust_remote_code: bool =
 
     location = resolve_model_path(model_name_or_path)
     extra = {"quantization_config": quantization} if quantization is not None else {}
-    model = _from_pretrained(
-        AutoModelForCausalLM, model_name_or_path, location, dtype=dtype, trust_remote_code=trust_remote_code, **extra
-    )
+    settings = dict(dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    try:
+        model = _from_pretrained(AutoModelForCausalLM, model_name_or_path, location, **settings)
+    except pickle.UnpicklingError as error:  # a pytorch_model.bin torch refused to unpickle (weights_only)
+        raise UserError(unsafe_pickle_message(location, "pytorch_model.bin", error)) from None
     model.config._name_or_path = model.name_or_path = model_name_or_path
     return model
 
@@ -249,7 +252,6 @@ def load_adapter_model(adapter_dir, base: str, recorded_base: str | None, *, dty
 
     Adapter weights in a pickle file (adapter_model.bin) load as plain tensors only (weights_only): a file that holds
     anything else is refused in one line, never unpickled."""
-    import pickle
 
     from peft import PeftModel
 

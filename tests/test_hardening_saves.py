@@ -405,7 +405,8 @@ def test_an_adapter_holding_code_is_one_line_in_chat_serve_and_export(kind, rank
     assert not marker.exists() and not (tmp_path / "exported").exists()
 
 
-def test_export_refuses_a_full_model_whose_weights_are_a_pickle_holding_code(tmp_path, capfd):
+def test_export_and_chat_refuse_a_full_model_whose_weights_are_a_pickle_holding_code(tmp_path, capfd):
+    import chat_cli
     import export
     from glm_sft.builtin import builtin_path
 
@@ -416,6 +417,9 @@ def test_export_refuses_a_full_model_whose_weights_are_a_pickle_holding_code(tmp
     error = one_error(run_main(export.main, model, "--out_dir", tmp_path / "exported", capfd=capfd))
     assert error.startswith(f"error: {model / 'pytorch_model.bin'}: holds pickled Python objects besides tensors")
     assert "not loaded, for safety" in error and not marker.exists() and not (tmp_path / "exported").exists()
+    error = one_error(run_main(chat_cli.main, "--model", model, "--prompt", "hi", capfd=capfd))
+    assert error.startswith(f"error: {model / 'pytorch_model.bin'}: holds pickled Python objects besides tensors")
+    assert not marker.exists()
 
 
 # ---- 7. an export onto a mount point leaves nothing beside it ----
