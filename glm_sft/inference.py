@@ -333,11 +333,11 @@ def load_chat_model(model: str | None = None, adapter: str | None = None, *, tem
     adapter_dir = Path(adapter) if adapter else None
     recipe, base, recorded_base = {}, model, None
     if adapter_dir is not None:
+        recipe = read_run_recipe(adapter_dir)  # first: it finishes a save a killed run left half-done
         recorded_base = adapter_base(adapter_dir)
         base = model or recorded_base
         if not base:
             raise UserError(f"{adapter_dir}: the adapter does not name its base model; pass --model")
-        recipe = read_run_recipe(adapter_dir)
     elif base and (Path(base) / "adapter_config.json").is_file():
         raise UserError(f"{base} is an adapter directory, not a model; use --adapter {base}")
     tokenizer, family = load_tokenizer(
