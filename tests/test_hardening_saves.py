@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, mount_tmpfs, run_main
+from test_safety import TINY, one_cpu_thread  # noqa: F401 (an autouse fixture: one CPU thread, from the repository)
 
 from glm_sft import UserError
 from glm_sft import checkpoints as checkpoints_module
@@ -29,14 +30,6 @@ from glm_sft.checkpoints import (
     save_final_model,
     storage_error,
 )
-
-TINY = ["--config", "recipes/demo.yaml", "--report_to", "none", "--sample_count", "0", "--logging_steps", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(REPO)
 
 
 @pytest.fixture
