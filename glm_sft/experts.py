@@ -32,10 +32,13 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 def routed_experts(model) -> list[nn.Module]:
     """The routed-experts modules (3-D gate_up_proj and down_proj) of a transformers v5 MoE model; [] if dense."""
+    from glm_sft.quantized_experts import is_quantized
+
     return [
         module
         for module in model.modules()
-        if all(
+        if is_quantized(module)
+        or all(
             isinstance(module._parameters.get(name), nn.Parameter) and module._parameters[name].dim() == 3
             for name in EXPERT_PARAMETERS
         )
@@ -160,6 +163,17 @@ class ParamWrapper(lora.ParamWrapper):
         super().__init__(base_layer, adapter_name, parameter_name, _without(config, lora_dropout=0.0), **kwargs)
         self._set_dropout(adapter_name, config.lora_dropout)
 
+    def _get_in_out_features(self, module):
+        from glm_sft.quantized_experts import is_quantized, logical_shape
+
+        experts = self.get_base_layer()
+        if not is_quantized(experts):
+            return super()._get_in_out_features(module)
+        # 4-bit experts (glm_sft.quantized_experts): the parameter is the packed storage; the shape is the weight's.
+        self.num_experts, in_features, out_features = logical_shape(experts, self.parameter_name)
+        self._param_ndim = 3
+        return in_features, out_features
+
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
         super().update_layer(adapter_name, r, lora_alpha, _without(config, lora_dropout=0.0), **kwargs)
         self._set_dropout(adapter_name, config.lora_dropout)
@@ -194,9 +208,14 @@ def _factors(wrapper: lora.ParamWrapper, adapter_name: str):
 
 def experts_forward(experts, hidden_states, top_k_index, top_k_weights, adapters) -> torch.Tensor:
     """The experts module's forward with LoRA: `adapters` maps each of its parameter names to a list of factors.
-    grouped_mm where the model asks for it and the input is on an accelerator; the per-expert loop on CPU."""
+    grouped_mm where the model asks for it and the input is on an accelerator; the per-expert loop on CPU and for 4-bit
+    experts (glm_sft.quantized_experts)."""
+    from glm_sft.quantized_experts import is_quantized
+
     implementation = getattr(experts.config, "_experts_implementation", None)
-    if hidden_states.device.type != "cpu" and implementation not in (None, "eager"):
+    # 4-bit experts take the per-expert loop everywhere: each expert is dequantized only when tokens reach it.
+    quantized = is_quantized(experts)
+    if hidden_states.device.type != "cpu" and implementation not in (None, "eager") and not quantized:
         return grouped_experts_forward(experts, hidden_states, top_k_index, top_k_weights, adapters)
     return eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights, adapters)
 
@@ -220,7 +239,12 @@ def eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights, ad
 
 
 def _expert_linear(experts, name: str, expert: int, inputs, adapters):
-    weight = getattr(experts, name)[expert]
+    from glm_sft.quantized_experts import expert_weight, is_quantized
+
+    if is_quantized(experts):
+        weight = expert_weight(experts, name, expert).to(inputs.dtype)
+    else:
+        weight = getattr(experts, name)[expert]
     outputs = inputs @ weight if experts.is_transposed else F.linear(inputs, weight)
     if experts.has_bias:
         outputs = outputs + getattr(experts, f"{name}_bias")[expert]

@@ -1,7 +1,7 @@
 """The fine-tuning methods: checks before any weights load, quantization, preparation, and each method's PEFT config.
 
-lora (default), qlora (LoRA on a 4-bit NF4 or 8-bit base), ptuning (P-Tuning v2 prefixes), full, freeze (only the
-last layers train).
+lora (default), qlora (LoRA on a 4-bit NF4 or 8-bit base; in 4-bit the MoE models' routed experts too, through
+glm_sft.quantized_experts), ptuning (P-Tuning v2 prefixes), full, freeze (only the last layers train).
 """
 
 from glm_sft import UserError
@@ -88,6 +88,13 @@ def prepare_model(model, model_args, training_args) -> None:
     # Under ZeRO-3 the weights are sharded placeholders that must keep their dtype: no k-bit preparation (as TRL does).
     if model_args.finetuning_type == "qlora" and not is_deepspeed_zero3_enabled():
         from peft import prepare_model_for_kbit_training
+
+        if model_args.quantization_bit == 4:
+            from glm_sft.quantized_experts import quantize_experts
+
+            # bitsandbytes quantizes nn.Linear only: the routed experts (3-D weights) go to NF4 here, before the k-bit
+            # preparation would cast them to fp32.
+            quantize_experts(model)
 
         # Norms and other unquantized weights to fp32, input gradients on, gradient checkpointing as the recipe says.
         prepare_model_for_kbit_training(
@@ -202,10 +209,14 @@ def lora_scope(model) -> str | None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameters; PEFT's count knows that a 4-bit tensor packs two weights per byte."""
+    """(trainable, total) parameters; PEFT's count knows that a 4-bit tensor packs two weights per byte, ours adds
+    that for the 4-bit routed experts."""
+    from glm_sft.quantized_experts import packed_weights_uncounted
+
     if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
+        trainable, total = model.get_nb_trainable_parameters()
+        return trainable, total + packed_weights_uncounted(model)
     # Under ZeRO-3 each process holds an empty placeholder per weight; ds_numel is the full size.
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    return trainable, total
+    return trainable, total + packed_weights_uncounted(model)

@@ -1,0 +1,162 @@
+"""QLoRA on the MoE models: the routed experts in 4-bit NF4 (glm_sft.quantized_experts), exact against the same
+weights dequantized and put back as plain parameters; the bytes they take; a QLoRA run that trains, saves, loads and
+exports."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import train_in_process
+
+from glm_sft.experts import EXPERT_PARAMETERS, moe_lora_config, routed_experts
+from glm_sft.loading import load_model
+from glm_sft.quantized_experts import dequantized, is_quantized, quantize_experts
+
+MOE_MODELS = ["builtin:tiny-glm45", "builtin:tiny-glm47-flash"]
+SETTINGS = dict(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=False, use_rslora=False)
+
+
+def quantized_and_reference(name):
+    """(model with 4-bit experts, the same model with those 4-bit weights dequantized as plain fp32 parameters)."""
+    reference = load_model(name, dtype=torch.float32)
+    quantized = copy.deepcopy(reference)
+    assert quantize_experts(quantized) == len(routed_experts(reference)) > 0
+    for plain, packed in zip(routed_experts(reference), routed_experts(quantized), strict=True):
+        for parameter in EXPERT_PARAMETERS:
+            plain._parameters[parameter] = torch.nn.Parameter(dequantized(packed, parameter), requires_grad=False)
+    return quantized, reference
+
+
+def expert_bytes(model) -> int:
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for experts in routed_experts(model)
+        for tensor in [*experts.parameters(), *experts.buffers()]
+    )
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_four_bit_experts_give_the_logits_of_their_dequantized_weights(name):
+    quantized, reference = quantized_and_reference(name)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        got = quantized(input_ids=ids).logits
+    assert (got - want).abs().max() <= 1e-5
+    for experts in routed_experts(quantized):
+        assert is_quantized(experts)
+        assert {p.dtype for p in experts.parameters()} == {torch.uint8}  # the fp32 weights are gone
+        assert not any(p.requires_grad for p in experts.parameters())
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_expert_lora_on_four_bit_experts_has_the_reference_gradients(name):
+    from peft import get_peft_model
+
+    quantized, reference = quantized_and_reference(name)
+    models = [get_peft_model(model, moe_lora_config(model, None, **SETTINGS)) for model in (reference, quantized)]
+    # B = 0 at initialisation would leave A without gradient: the same random factors in both.
+    generator = torch.Generator().manual_seed(1)
+    factors = {
+        key: torch.randn(value.shape, generator=generator) * 0.1
+        for key, value in models[0].state_dict().items()
+        if "lora_" in key
+    }
+    assert any(".experts." in key for key in factors)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 16), generator=generator)
+    results = []
+    for model in models:
+        assert not model.load_state_dict(factors, strict=False).unexpected_keys
+        model.train()
+        embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeddings).logits
+        logits.pow(2).mean().backward()
+        gradients = {key: p.grad for key, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), embeddings.grad, gradients))
+    (want_logits, want_input, want), (got_logits, got_input, got) = results
+    assert (got_logits - want_logits).abs().max() <= 1e-5
+    assert (got_input - want_input).abs().max() <= 1e-6  # the input's gradient flows through the 4-bit weights
+    assert got.keys() == want.keys() and any(".experts." in key for key in got)
+    for key in want:
+        assert got[key] is not None and (got[key] - want[key]).abs().max() <= 1e-6, key
+    for experts in routed_experts(quantized):
+        assert all(p.grad is None for p in experts.parameters(recurse=False))
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_four_bit_experts_take_under_a_third_of_the_bytes(name, dtype):
+    model = load_model(name, dtype=dtype)
+    before = expert_bytes(model)
+    weights = sum(getattr(experts, p).numel() for experts in routed_experts(model) for p in EXPERT_PARAMETERS)
+    quantize_experts(model)
+    after = expert_bytes(model)
+    assert after <= 0.3 * before if dtype == torch.bfloat16 else after <= 0.15 * before
+    # 4 bits a weight, one uint8 absmax per 64 weights, one fp32 absmax per 256 of those: about 4.13 bits a weight
+    # (the offsets and the two code tables per module come on top).
+    assert math.isclose(after * 8 / weights, 4 + 8 / 64 + 32 / (64 * 256), rel_tol=0.03)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    """(output dir, quantized experts modules) of a 2-step QLoRA run on the tiny GLM-4.5 model, in this process."""
+    import glm_sft.quantized_experts as module
+
+    calls = []
+    quantize = module.quantize_experts
+    output_dir = tmp_path_factory.mktemp("qlora-moe") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "quantize_experts", lambda model: calls.append(quantize(model)) or calls[-1])
+        train_in_process(
+            "--config", "recipes/demo.yaml", "--model_name_or_path", "builtin:tiny-glm45",
+            "--finetuning_type", "qlora", "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "3e-3",
+            "--output_dir", output_dir, "--report_to", "none",
+        )  # fmt: skip
+    return output_dir, calls
+
+
+def test_qlora_run_on_four_bit_experts_trains_saves_and_loads(qlora_run):
+    from peft import PeftModel
+
+    output_dir, calls = qlora_run
+    assert calls == [1]  # the tiny model's one MoE layer went to 4-bit before training
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    saved = json.loads((output_dir / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "builtin:tiny-glm45"
+    assert "experts.gate_up_proj" in saved["target_parameters"]
+    base = load_model("builtin:tiny-glm45", dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, str(output_dir))(input_ids=ids).logits
+    assert torch.isfinite(adapted).all() and (adapted - before).abs().max() > 0
+
+
+def test_qlora_moe_adapter_exports_to_plain_experts(qlora_run, tmp_path):
+    """export.py merges a QLoRA adapter into the base loaded again in full precision: trained on 4-bit experts, it
+    gives plain 3-D expert weights that transformers loads, equal to base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import export
+
+    output_dir = qlora_run[0]
+    for dtype in ("fp32", "bf16"):
+        export.main([str(output_dir), "--out-dir", str(tmp_path / dtype), "--dtype", dtype])
+        assert "quantization_config" not in json.loads((tmp_path / dtype / "config.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert [(experts.gate_up_proj.dim(), experts.gate_up_proj.dtype) for experts in routed_experts(plain)] == [
+        (3, torch.bfloat16)
+    ]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
+    assert not any(is_quantized(experts) for experts in routed_experts(merged))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(load_model("builtin:tiny-glm45", dtype=torch.float32), str(output_dir))
+        want = want(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (got - want).abs().max() <= 1e-4
