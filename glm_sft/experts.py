@@ -31,18 +31,35 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 
 def routed_experts(model) -> list[nn.Module]:
-    """The routed-experts modules (3-D gate_up_proj and down_proj) of a transformers v5 MoE model; [] if dense."""
+    """The routed-experts modules (3-D gate_up_proj and down_proj) of a transformers v5 MoE model; [] if dense. Under
+    ZeRO-3 a parameter's own shape is a placeholder's: its full shape is ds_shape."""
     from glm_sft.quantized_experts import is_quantized
+
+    def three_d(parameter) -> bool:
+        return isinstance(parameter, nn.Parameter) and len(getattr(parameter, "ds_shape", parameter.shape)) == 3
 
     return [
         module
         for module in model.modules()
-        if is_quantized(module)
-        or all(
-            isinstance(module._parameters.get(name), nn.Parameter) and module._parameters[name].dim() == 3
-            for name in EXPERT_PARAMETERS
-        )
+        if is_quantized(module) or all(three_d(module._parameters.get(name)) for name in EXPERT_PARAMETERS)
     ]
+
+
+def moe_blocks(model) -> list[nn.Module]:
+    """The MoE blocks (a decoder layer's `mlp` on the MoE layers): the modules that hold routed experts."""
+    experts = {id(module) for module in routed_experts(model)}
+    return [module for module in model.modules() if any(id(child) in experts for child in module.children())]
+
+
+def mark_zero3_leaf_modules(model) -> int:
+    """Under DeepSpeed ZeRO-3, make every MoE block a leaf module: its parameters (router, routed and shared experts)
+    are gathered once when the block runs, not expert by expert as each is touched. Returns how many blocks."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    blocks = moe_blocks(model)
+    if blocks:
+        set_z3_leaf_modules(model, list(dict.fromkeys(type(block) for block in blocks)))
+    return len(blocks)
 
 
 @dataclass

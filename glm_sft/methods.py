@@ -81,10 +81,17 @@ def quantization_config(model_args):
     )
 
 
-def prepare_model(model, model_args, training_args) -> None:
-    """Method-specific preparation before PEFT wraps the model (or instead of it)."""
+def prepare_model(model, model_args, training_args) -> list[str]:
+    """Method-specific preparation before PEFT wraps the model (or instead of it); returns lines for the start-up
+    summary on what it did that the user should know."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    notes = []
+    if is_deepspeed_zero3_enabled():
+        from glm_sft.experts import mark_zero3_leaf_modules
+
+        if blocks := mark_zero3_leaf_modules(model):
+            notes.append(f"ZeRO-3: {blocks} MoE blocks are leaf modules (each block's experts gathered at once)")
     # Under ZeRO-3 the weights are sharded placeholders that must keep their dtype: no k-bit preparation (as TRL does).
     if model_args.finetuning_type == "qlora" and not is_deepspeed_zero3_enabled():
         from peft import prepare_model_for_kbit_training
@@ -122,6 +129,7 @@ def prepare_model(model, model_args, training_args) -> None:
         model.requires_grad_(False)
         for module in trained:
             module.requires_grad_(True)
+    return notes
 
 
 def build_peft_config(model_args, model=None):

@@ -304,8 +304,8 @@ def build_run(recipe: Recipe, model=None) -> Run:
             trust_remote_code=training.trust_remote_code,
             quantization=quantization_config(model_args),
         )
-    prepare_model(model, model_args, training)  # k-bit preparation (qlora), frozen layers (freeze)
-    choices = speed.configure(model, model_args, training)  # padding-free or padded batches, attention
+    notes = prepare_model(model, model_args, training)  # k-bit preparation (qlora), frozen layers (freeze), ZeRO-3
+    choices = speed.configure(model, model_args, training) + notes  # padding-free or padded batches, attention
     choices.append(kernels.apply_kernels(model, training.kernels))  # before PEFT wraps the modules
     generation_config = generation_config_for(tokenizer, family)
     model.generation_config = generation_config

@@ -134,6 +134,26 @@ def test_zero3_full_run_saves_a_normal_model(runs):
     assert_serves_the_trained_weights("--model", output_dir, "builtin:tiny-glm4")
 
 
+@pytest.mark.slow
+def test_zero3_trains_moe_expert_lora_saves_an_adapter_that_loads_and_resumes(tmp_path):
+    """accelerate launch --config_file configs/zero3.yaml --num_processes 2 train.py ... on the tiny GLM-4.5 (MoE):
+    the MoE blocks are ZeRO-3 leaf modules, the per-expert LoRA trains, the adapter loads, and a second launch resumes
+    from the first one's checkpoint."""
+    output_dir = tmp_path / "out"
+    moe = ["--model_name_or_path", "builtin:tiny-glm45", "--per_device_train_batch_size", 2]
+    moe += ["--save_strategy", "steps", "--save_steps", 2]
+    first = launch("zero3.yaml", output_dir, *moe, "--max_steps", 2)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert "ZeRO-3: 1 MoE blocks are leaf modules" in first.stdout + first.stderr
+    assert "mlp.experts.gate_up_proj" in first.stdout + first.stderr  # the routed experts' LoRA is trained
+    assert_serves_the_trained_weights("--adapter", output_dir, "builtin:tiny-glm45")
+    resume = ["--resume_from_checkpoint", output_dir / "checkpoint-2", "--overwrite_output_dir", "true"]
+    second = launch("zero3.yaml", output_dir, *moe, "--max_steps", 4, *resume)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert sorted(losses(output_dir)) == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's history, 3-4 trained now
+    assert_serves_the_trained_weights("--adapter", output_dir, "builtin:tiny-glm45")
+
+
 def test_two_machines_on_loopback_train_together(runs, tmp_path):
     """A multi-node rehearsal: two launches on this machine, machine ranks 0 and 1, meeting at 127.0.0.1."""
     options = ["--num_machines", 2, "--main_process_ip", "127.0.0.1", "--main_process_port", free_port()]
