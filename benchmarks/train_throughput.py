@@ -7,7 +7,14 @@
              with position_ids restarting per row; attention flash_attention_2 when installed on a GPU, else SDPA with
              the block-causal mask transformers builds from position_ids; TRL's fused LM head
   ours       glm_sft.run.build_run with recipes/glm4_lora.yaml: padding-free batches, per-row attention (sdpa_varlen:
-             SDPA on each row's own span), fused LM head
+             SDPA on each row's own span), fused LM head; on an MoE model the per-expert LoRA of glm_sft.experts
+  ours_qlora ours with finetuning_type qlora: on an MoE model the routed experts in 4-bit NF4
+             (glm_sft.quantized_experts)
+
+`--model tiny-moe` is a mid-size GLM-4.5-style MoE (hidden 512, 16 routed experts, 4 per token, no dense layer or
+shared expert, so the LoRA scope is the attention and the routed experts in every arm): its trl_tuned arm is TRL's
+padding-free batches with PEFT's own MoE LoRA (ParamWrapper, W + B·A for the whole expert stack), the same targets,
+ranks and dropout (0) as ours.
 
 Each arm runs in a fresh Python process, the arms interleaved (repeat r starts with a different arm), so no arm
 inherits another's warm caches or allocator state. All arms read the same rows with our readers and templates; the
@@ -45,7 +52,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ARMS = ("naive", "trl", "trl_tuned", "ours")
+ARMS = ("naive", "trl", "trl_tuned", "ours", "ours_qlora")
+DEFAULT_ARMS = ("naive", "trl", "trl_tuned", "ours")
 REFERENCES = ("trl_tuned", "trl", "naive")  # the ratios of every arm to these
 # The bundled samples, then the length-skewed set; --rows (plus the held-out rows) are taken from the front.
 DATA = "data/alpaca_zh_demo.json,data/multi_turn.jsonl,data/length_skewed.json"
@@ -65,16 +73,39 @@ GLM4_9B = dict(
 )
 MODELS = {
     "tiny": dict(family="glm4", vocab_size=6000),
+    "tiny-moe": dict(
+        family="glm45",
+        vocab_size=6000,
+        hidden_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=512,
+        n_shared_experts=0,
+        first_k_dense_replace=0,
+    ),
     "glm4-9b": dict(family="glm4", **GLM4_9B),
     "chatglm3-6b": dict(GLM4_9B, family="chatglm3", num_hidden_layers=28, vocab_size=65024),  # same layer shape
 }
-# Dense bf16 peak of the GPUs we report MFU on, in FLOP/s.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+# Dense bf16 peak of the GPUs we report MFU on, in FLOP/s; the longest name the device's name contains wins (an
+# "NVIDIA H100 PCIe" is not an H100 SXM).
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+}
+TOKENIZERS = {"glm4": "builtin:tiny-glm4", "chatglm3": "builtin:tiny-chatglm3", "glm45": "builtin:tiny-glm45"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list among {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma list among {', '.join(ARMS)}")
     parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="model shape (random weights)")
     parser.add_argument("--rows", type=int, default=256, help="training rows each arm consumes (one epoch)")
     parser.add_argument("--max_length", type=int, default=1024)
@@ -134,7 +165,7 @@ def build_model(args):
     The config starts from the built-in tiny model of the family, so its token ids agree with the tokenizer.
     """
     import torch
-    from transformers import AutoConfig, GlmForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from glm_sft.loading import resolve_model_path
 
@@ -150,15 +181,42 @@ def build_model(args):
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda"):
-            model = GlmForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
         torch.set_default_dtype(default)
     else:
-        model = GlmForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     return model
 
 
 def tokenizer_name(args) -> str:
-    return "builtin:tiny-glm4" if MODELS[args.model]["family"] == "glm4" else "builtin:tiny-chatglm3"
+    return TOKENIZERS[MODELS[args.model]["family"]]
+
+
+def moe(args) -> bool:
+    return MODELS[args.model]["family"] == "glm45"
+
+
+def peft_moe_config(model_args, model):
+    """PEFT's own LoRA on an MoE model (ParamWrapper on the experts) with exactly ours' targets, ranks and alphas."""
+    from peft import LoraConfig
+
+    from glm_sft.methods import build_peft_config
+
+    ours = build_peft_config(model_args, model)
+    keys = ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "task_type")
+    return LoraConfig(**{key: getattr(ours, key) for key in keys}, lora_dropout=0.0)
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of all parameters and buffers as loaded, bytes of the routed experts' own parameters and buffers)."""
+    from glm_sft.experts import routed_experts
+
+    def size(tensors):
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    experts = routed_experts(model)
+    expert_bytes = sum(size([*m.parameters(recurse=False), *m.buffers(recurse=False)]) for m in experts)
+    return size([*model.parameters(), *model.buffers()]), expert_bytes
 
 
 class CountingCollator:
@@ -257,10 +315,13 @@ def run_arm(args, work: str) -> dict:
     from glm_sft.run import build_run, tokenized_datasets
 
     argv = recipe_argv(args, work)
+    if moe(args):
+        argv += ["--lora_dropout", "0"]  # PEFT's ParamWrapper (the trl_tuned arm) has no dropout: none in any arm
     model = build_model(args)
     device = model.device
-    if args.worker == "ours":
-        trainer = build_run(parse_recipe(argv), model=model).trainer
+    if args.worker in ("ours", "ours_qlora"):
+        method = ["--finetuning_type", "qlora"] if args.worker == "ours_qlora" else []
+        trainer = build_run(parse_recipe(argv + method), model=model).trainer
         eval_dataset = trainer.eval_dataset
     else:
         from datasets import Dataset
@@ -305,7 +366,7 @@ def run_arm(args, work: str) -> dict:
                 args=SFTConfig(**{"max_length": args.max_length, **tuned}, **common),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
-                peft_config=build_peft_config(model_args),
+                peft_config=peft_moe_config(model_args, model) if moe(args) else build_peft_config(model_args),
             )
         else:
             from peft import get_peft_model
@@ -361,6 +422,7 @@ def run_arm(args, work: str) -> dict:
         import resource
 
         figures["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures["weight_bytes"], figures["expert_weight_bytes"] = weight_bytes(trainer.model)
     figures["final_loss"] = held_out_loss(trainer.model, list(eval_dataset), device)
     figures["isolation"] = isolation
     figures["attention"] = trainer.model.config._attn_implementation
@@ -451,13 +513,20 @@ def model_flops_utilization(model, row_lengths, seconds) -> float | None:
     through the frozen weights 2N), plus causal attention 6 * L^2 * width per row and layer (forward 2, backward 4)."""
     import torch
 
+    from glm_sft.experts import routed_experts
+
     name = torch.cuda.get_device_name()
-    peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-    if peak is None:
+    matches = [key for key in PEAK_FLOPS if key in name]
+    if not matches:
         return None
+    peak = PEAK_FLOPS[max(matches, key=len)]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     weights = sum(p.numel() for n, p in base.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
+    # Active parameters: a token goes through top-k of the routed experts (shared experts are plain layers, counted).
+    experts = sum(p.numel() for module in routed_experts(base) for p in module.parameters(recurse=False))
+    if experts:
+        weights -= experts * (1 - config.num_experts_per_tok / config.n_routed_experts)
     width = config.num_attention_heads * config.head_dim
     flops = 4 * weights * sum(row_lengths)
     flops += sum(6 * length * length * width * config.num_hidden_layers for length in row_lengths)
@@ -541,7 +610,8 @@ def table(report) -> str:
     lines = [
         f"device: {report['device']}; settings: {json.dumps(report['settings'])}",
         f"{'arm':<10} {'real tok/s':>11} {'trained tok/s':>14} {'padding':>8} {'peak MB':>16} {'mfu':>6} "
-        f"{'final loss':>11} {'vs trl_tuned':>13} {'vs trl':>7} {'vs naive':>9} {'loss vs tuned':>14} {'isolated':>9}",
+        f"{'final loss':>11} {'vs trl_tuned':>13} {'vs trl':>7} {'vs naive':>9} {'loss vs tuned':>14} {'isolated':>9} "
+        f"{'weights MB':>11} {'experts MB':>11}",
     ]
     for arm, figures in arms.items():
         if "error" in figures:
@@ -561,7 +631,8 @@ def table(report) -> str:
         lines.append(
             f"{arm:<10} {figures['real_tokens_per_s']:>11.0f} {figures['trained_tokens_per_s']:>14.0f} "
             f"{figures['padding_ratio']:>8.1%} {memory:>16} {mfu:>6} {figures['final_loss']:>11.4f} {speeds[0]:>13} "
-            f"{speeds[1]:>7} {speeds[2]:>9} {loss:>14} {isolated:>9}"
+            f"{speeds[1]:>7} {speeds[2]:>9} {loss:>14} {isolated:>9} {figures['weight_bytes'] / 2**20:>11.1f} "
+            f"{figures['expert_weight_bytes'] / 2**20:>11.1f}"
         )
     ours = arms.get("ours", {})
     if "error" not in ours:

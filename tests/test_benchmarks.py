@@ -45,6 +45,26 @@ def test_throughput_benchmark_arms_consume_the_same_rows(tmp_path):
     assert all(f"x {name}" in result.stdout for name in ("trl_tuned", "trl", "naive"))
 
 
+@pytest.mark.slow
+def test_moe_benchmark_arms_train_the_same_scope_and_report_the_expert_bytes(tmp_path):
+    """--model tiny-moe: PEFT's own MoE LoRA (trl_tuned), ours and ours_qlora on the same rows and LoRA scope; the
+    4-bit experts hold under 0.3x the bytes, and every arm learns the same (held-out loss within 1%)."""
+    output = tmp_path / "moe.json"
+    arguments = ["--model", "tiny-moe", "--arms", "trl_tuned,ours,ours_qlora", "--rows", "16", "--max_length", "128"]
+    result = run_script(
+        "benchmarks/train_throughput.py", *arguments, "--batch_size", "4", "--repeats", "1", "--output", output
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    arms = json.loads(output.read_text())["arms"]
+    assert list(arms) == ["trl_tuned", "ours", "ours_qlora"]
+    assert len({figures["real_tokens"] for figures in arms.values()}) == 1 and arms["ours"]["steps"] == 4
+    assert arms["ours"]["expert_weight_bytes"] == arms["trl_tuned"]["expert_weight_bytes"] > 0
+    assert arms["ours_qlora"]["expert_weight_bytes"] <= 0.3 * arms["ours"]["expert_weight_bytes"]
+    assert arms["ours_qlora"]["weight_bytes"] < arms["ours"]["weight_bytes"]
+    for name in ("ours", "ours_qlora"):
+        assert abs(arms[name]["vs_trl_tuned"]["final_loss"]) < 0.01, arms[name]["vs_trl_tuned"]
+
+
 def test_ours_tokenizes_as_apply_chat_template_with_the_assistant_mask(glm4_tokenizer):
     """The bundled alpaca, multi-turn and tool rows: our batched tokenize_dataset gives the ids of TRL's path
     (apply_chat_template) and, as labels, exactly its assistant-masked tokens; one row at a time gives the same."""
