@@ -28,7 +28,7 @@ def trainable_and_total(output: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module", params=["builtin:tiny-glm4", "builtin:tiny-chatglm3"])
 def demo_run(request, tmp_path_factory):
-    """The demo recipe, run as a user would, once per family (shared with other modules: conftest.trained_demo)."""
+    """The demo recipe, trained once per family (shared with other modules: conftest.trained_demo)."""
     output_dir, result = trained_demo(tmp_path_factory, request.param)
     return request.param, output_dir, result
 
