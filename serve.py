@@ -9,9 +9,15 @@ Any OpenAI client works against it (base_url http://127.0.0.1:8000/v1). Replies 
 stop ids the model was trained with; a request with `tools` gets its calls back as `tool_calls` (finish_reason
 "tool_calls"), parsed by the family's own parser, the one chat_cli uses. A thinking family's reasoning comes apart
 from the answer, as `reasoning_content`; `chat_template_kwargs` ({"enable_thinking": false}) reach the template.
-One model in one process: requests wait in a queue and one thread that owns the model answers them in turn. A
-request that cannot be served (bad JSON, an unknown role, a prompt longer than the context, a tool result with no
-call) gets a 400 with an OpenAI error body.
+One model in one process, owned by one thread. The requests that arrive together are generated together, up to
+--max_batch_size (16) at a time, each joining the running batch at the next step and leaving it when its reply ends;
+each gets the reply it gets alone, greedy token for token (--max_batch_size 1: one at a time). A request that cannot
+be served (bad JSON, an unknown role, a prompt longer than the context, a tool result with no call) gets a 400 with an
+OpenAI error body.
+
+On SIGTERM or Ctrl-C the server stops accepting, answers the requests still waiting with a 503, gives the replies being
+written --shutdown_timeout seconds (30) to finish and ends the others with an error event and `data: [DONE]`; it exits
+with 0 after SIGTERM, 130 after Ctrl-C. A second signal ends the wait at once.
 
 Input is bounded before it costs the model anything: a body over --max_request_bytes (default 4 MiB) gets a 413 as
 soon as its Content-Length says so, or as its bytes pass the limit; bodies are read, checked and their prompts counted
@@ -29,6 +35,7 @@ import math
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -45,9 +52,26 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from glm_sft import exit_on_user_error
-from glm_sft.inference import add_model_arguments, check_model_arguments, encode_prompt, load_from_arguments
-from glm_sft.template import CONTROL_TOKENS, TEMPLATE_SWITCHES
-from glm_sft.tools import call_or_text, canonical_tools, json_type_name, parse_arguments, tool_call
+from glm_sft.inference import (
+    add_model_arguments,
+    check_model_arguments,
+    cut_at_stop,
+    encode_prompt,
+    load_from_arguments,
+)
+from glm_sft.template import CONTROL_TOKENS, TEMPLATE_SWITCHES, THINKING_FAMILIES
+from glm_sft.tools import (
+    MalformedCall,
+    ReasoningStream,
+    Reply,
+    call_or_text,
+    canonical_tools,
+    json_type_name,
+    parse_arguments,
+    parse_reply,
+    split_reasoning,
+    tool_call,
+)
 
 API_KEY_VARIABLE = "GLM_SFT_API_KEY"
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
@@ -57,6 +81,9 @@ MAX_JSON_DEPTH = 100  # arrays and objects nested deeper are refused: the templa
 # Longer integers are refused: converting them is quadratic (Python's own bound, 4300 digits, unless set otherwise).
 MAX_INTEGER_DIGITS = sys.get_int_max_str_digits() or 4300
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" alone in JSON: a string no tokenizer can encode
+DEFAULT_MAX_BATCH_SIZE = 16  # replies generated together
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds the replies being written get to finish at shutdown
+SHUTDOWN_MARGIN = 10.0  # seconds after that for their last events to be sent
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,6 +418,7 @@ def _reject_control_tokens(text: str, where: str) -> None:
 class Prompt:
     tokens: int  # the prompt's length
     max_new_tokens: int  # the reply's: max_tokens, else the server's default cut to what the context leaves
+    ids: list[int] = field(default_factory=list, repr=False)  # the prompt itself, as the model thread would encode it
 
 
 class RequestReader:
@@ -438,11 +466,13 @@ class RequestReader:
                 "messages",
                 code="context_length_exceeded",
             )
-        return Prompt(len(prompt), max_new_tokens)
+        return Prompt(len(prompt), max_new_tokens, prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generation: one thread owns the model and answers queued requests one at a time.
+# Generation: one thread owns the model. With --max_batch_size above 1 it generates the replies of the requests waiting
+# together, a token of each in one forward pass: a request joins the running batch between two steps and leaves it
+# when its reply ends (in-flight batching). With 1, it answers them one at a time, through ChatModel.stream_parts.
 
 
 class ReplyText:
@@ -486,41 +516,175 @@ class Event:
     value: object = None
 
 
+def shutting_down(message: str) -> RequestError:
+    return RequestError(message, status=503, code="server_shutting_down")
+
+
+def generation_failed() -> RequestError:  # a bug, not the request: the traceback is in the log
+    return RequestError("the server failed to generate a reply; see its log", status=500)
+
+
 class Job:
-    """One request on its way through the worker; its events arrive on the event loop's queue."""
+    """One request on its way through the worker; its events arrive on the event loop's queue. It waits in the queue
+    until the model thread begins it; a job refused before that never reaches the model."""
 
     def __init__(self, request: ChatRequest, prompt: Prompt, loop: asyncio.AbstractEventLoop):
         self.request = request
         self.prompt = prompt
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = threading.Event()  # the client went away: generation stops at the next token
+        self.cancelled = threading.Event()  # the client went away, or the server cut it: generation stops
+        self.begun = False
+        self.cut_at_shutdown = False
+        self._lock = threading.Lock()  # begin (the model thread) against refuse (the event loop)
 
     def emit(self, kind: str, value=None) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
             self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, value))
 
+    def begin(self) -> bool:
+        """The model thread takes the job: False when it was refused (or its client left) while it waited."""
+        with self._lock:
+            self.begun = not self.cancelled.is_set()
+            return self.begun
+
+    def refuse(self, error: RequestError) -> bool:
+        """Answer a job that has not begun with `error` (on the event loop); False when it has begun."""
+        with self._lock:
+            if self.begun:
+                return False
+            self.cancelled.set()
+        self.events.put_nowait(Event("error", error))
+        return True
+
+    def cut(self, error: RequestError) -> None:
+        """End a job that has begun with `error` now (on the event loop); its generation stops at the next token."""
+        self.cut_at_shutdown = True
+        self.cancelled.set()
+        self.events.put_nowait(Event("error", error))
+
+    def report_stop(self, done: int) -> None:
+        """Say in the log why a reply stopped before its end: its client left, or the server cut it."""
+        why = "cut at shutdown" if self.cut_at_shutdown else "a client left mid-reply"
+        print(f"{why}: stopped after {done} of {self.prompt.max_new_tokens} tokens", file=sys.stderr, flush=True)
+
+
+class ReplyEvents:
+    """A reply on its way to the client as events: the reasoning and the answer piece by piece, the answer cut at the
+    first stop string (ReplyText); or, for a request with tools, the parsed reply: its calls, or text."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.text = ReplyText(job.request.stop)  # stop strings cut the answer, not the reasoning
+
+    def part(self, kind: str, piece: str) -> bool:
+        """Pass a ("reasoning" | "answer", piece) part on; True once a stop string has ended the answer."""
+        if kind == "reasoning":
+            self.job.emit("reasoning", piece)
+        elif text := self.text.feed(piece):
+            self.job.emit("text", text)
+        return self.text.stopped
+
+    def parsed(self, reply, usage: dict) -> None:
+        """Pass a whole reply on, read by the family's parser (glm_sft.tools.Reply)."""
+        if reply.reasoning:
+            self.job.emit("reasoning", reply.reasoning)
+        self.part("answer", reply.content)
+        for call in reply.calls:
+            self.job.emit("call", call)
+        if reply.calls:
+            usage["finish_reason"] = "tool_calls"
+
+    def done(self, usage: dict) -> None:
+        if text := self.text.finish():
+            self.job.emit("text", text)
+        if self.text.stopped and usage.get("finish_reason") != "tool_calls":
+            usage["finish_reason"] = "stop"
+        self.job.emit("done", usage)
+
 
 class ModelWorker:
-    """The one thread that touches the model and its tokenizer; jobs run in the order they were submitted."""
+    """The one thread that touches the model and its tokenizer; jobs run one at a time, in the order they came.
+
+    Shutdown (see begin_shutdown): the jobs still waiting are refused with a 503, those begun get a grace period."""
 
     def __init__(self, chat):
         self.chat = chat
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.thread = threading.Thread(target=self.serve_jobs, name="model-worker", daemon=True)
+        self.open_jobs: set[Job] = set()  # submitted and not answered yet (used on the event loop only)
+        self.closing = False
+        self.grace_timer: asyncio.TimerHandle | None = None
+        self.thread = threading.Thread(target=self.run, name="model-worker", daemon=True)  # joined by close()
         self.thread.start()
 
+    def check_open(self) -> None:
+        if self.closing:
+            raise shutting_down("the server is shutting down and takes no new requests")
+
     def submit(self, request: ChatRequest, prompt: Prompt) -> Job:
+        self.check_open()
         job = Job(request, prompt, asyncio.get_running_loop())
+        self.open_jobs.add(job)
         self.jobs.put(job)
         return job
 
-    def close(self) -> None:
-        self.jobs.put(None)
+    def finish(self, job: Job) -> None:
+        """The job's response has ended (answered, refused, or its client left): its generation stops."""
+        job.cancelled.set()
+        self.open_jobs.discard(job)
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Stop taking requests: those waiting for the model get a 503 now, the replies being generated get `grace`
+        seconds to finish, then end with an error (end_running). On the event loop."""
+        if self.closing:
+            return
+        self.closing = True
+        refusal = shutting_down("the server is shutting down: this request was not started; send it again")
+        refused = sum(job.refuse(refusal) for job in list(self.open_jobs))
+        running = sum(job.begun and not job.cancelled.is_set() for job in self.open_jobs)
+        print(
+            f"shutting down: {running} replies being written get up to {grace:g} s to finish; {refused} waiting "
+            "requests refused (503)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.end_running)
+
+    def end_running(self) -> None:
+        """End the replies still being generated with an error event (the grace period is over). On the event loop."""
+        if not self.closing:  # a second signal before the shutdown began: it begins with no grace period
+            return
+        if self.grace_timer is not None:
+            self.grace_timer.cancel()
+        error = shutting_down("the server shut down before this reply was finished")
+        running = [job for job in self.open_jobs if job.begun and not job.cancelled.is_set()]
+        for job in running:
+            job.cut(error)
+        if running:
+            print(f"shutdown: {len(running)} replies ended unfinished", file=sys.stderr, flush=True)
+
+    def close(self, timeout: float = 120) -> bool:
+        """Stop every job and the model thread (at its next token); True once the thread has ended. On the event loop
+        (the app's shutdown), or after it has closed."""
+        self.closing = True
+        if self.thread.is_alive():
+            for job in list(self.open_jobs):
+                with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting
+                    job.refuse(shutting_down("the server is shutting down"))
+                job.cancelled.set()
+            self.jobs.put(None)
+            self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def run(self) -> None:
+        import torch
+
+        with torch.no_grad():  # thread-local: set in the thread that generates
+            self.serve_jobs()
 
     def serve_jobs(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
+            if not job.begin():
                 continue
             try:
                 self.answer(job)
@@ -528,7 +692,7 @@ class ModelWorker:
                 job.emit("error", error)
             except Exception:  # a bug, not the request: report it, keep serving
                 traceback.print_exc()
-                job.emit("error", RequestError("the server failed to generate a reply; see its log", status=500))
+                job.emit("error", generation_failed())
 
     def answer(self, job: Job) -> None:
         import torch
@@ -546,37 +710,450 @@ class ModelWorker:
             template_kwargs=request.template_kwargs,
         )
         usage = {}
-        reply = ReplyText(request.stop)  # stop strings cut the answer, not the reasoning
+        reply = ReplyEvents(job)
         if request.parse_calls:
-            parsed = call_or_text(chat, messages, request.tools, usage=usage, **settings)
-            if parsed.reasoning:
-                job.emit("reasoning", parsed.reasoning)
-            if text := reply.feed(parsed.content):
-                job.emit("text", text)
-            for call in parsed.calls:
-                job.emit("call", call)
-            if parsed.calls:
-                usage["finish_reason"] = "tool_calls"
+            reply.parsed(call_or_text(chat, messages, request.tools, usage=usage, **settings), usage)
         else:
-            client_left = False
+            stopped = False  # by the client or the server (stream_parts sets job.cancelled itself as it closes)
             parts = chat.stream_parts(messages, stop=job.cancelled, usage=usage, **settings)
             with contextlib.closing(parts) as pieces:
                 for kind, piece in pieces:
-                    if kind == "reasoning":
-                        job.emit("reasoning", piece)
-                    elif text := reply.feed(piece):
-                        job.emit("text", text)
-                    client_left = job.cancelled.is_set()
-                    if reply.stopped or client_left:
+                    stopped = job.cancelled.is_set()
+                    if reply.part(kind, piece) or stopped:
                         break
-            if client_left:
-                done = usage.get("completion_tokens", 0)
-                print(f"a client left mid-reply: stopped after {done} of {max_new_tokens} tokens", file=sys.stderr)
-        if text := reply.finish():
-            job.emit("text", text)
-        if reply.stopped and usage.get("finish_reason") != "tool_calls":
-            usage["finish_reason"] = "stop"
-        job.emit("done", usage)
+            if stopped:
+                job.report_stop(usage.get("completion_tokens", 0))
+        reply.done(usage)
+
+
+class BatchingWorker(ModelWorker):
+    """The model thread of in-flight batching: up to `max_batch_size` replies are generated together, one token of
+    each per forward pass. Between two steps the requests waiting join (each prompt prefilled alone, as generate
+    would), and the replies that ended leave. Each reply is the one its request gets alone: the same prompt, the
+    same logits processors as model.generate, the same greedy tokens (padding is masked, positions are each row's own);
+    a sampled reply draws from a generator of its own, seeded by its `seed`."""
+
+    def __init__(self, chat, max_batch_size: int):
+        self.max_batch_size = max_batch_size
+        self.most_rows = 0  # the most replies generated together so far
+        self.rules = GenerationRules(chat)
+        self.problem: str | None = None  # why this model cannot batch (see batching_problem): one at a time then
+        self.checked = threading.Event()
+        super().__init__(chat)
+        self.checked.wait()
+
+    def run(self) -> None:
+        import torch
+
+        # The check runs the model, so in the model thread: on a small CPU, a model that has run in another thread
+        # (whose OpenMP threads then keep cores busy) runs about half as fast.
+        with torch.no_grad():
+            try:
+                self.problem = batching_problem(self.chat)
+            finally:
+                self.checked.set()
+            if self.problem:
+                print(f"note: replies are generated one at a time: {self.problem}", file=sys.stderr, flush=True)
+                super().serve_jobs()
+            else:
+                self.serve_jobs()
+
+    def serve_jobs(self) -> None:
+        batch = RunningBatch(self.chat.model)
+        rows: list[Row] = []
+        while True:
+            waiting = self.take_jobs(block=not rows, room=self.max_batch_size - len(rows))
+            if None in waiting:  # close(): every job was stopped
+                return
+            rows += [row for job in waiting if (row := self.start(job, batch)) is not None]
+            rows = self.drop_ended(rows, batch)
+            if not rows:
+                continue
+            self.most_rows = max(self.most_rows, len(rows))
+            try:
+                logits = batch.step([row.ids[-1] for row in rows])
+                for index, token in enumerate(self.next_tokens(rows, logits)):
+                    rows[index].take(token)
+            except Exception:  # a bug (or out of memory): these replies fail, the server goes on
+                traceback.print_exc()
+                for row in rows:
+                    row.job.emit("error", generation_failed())
+                batch.keep([])
+                rows = []
+
+    @staticmethod
+    def next_tokens(rows: list["Row"], logits) -> list[int]:
+        """Each row's next token: greedy rows without processors all at once, the sampled rows of the same settings
+        and no seed in one call, the others each on its own."""
+        tokens = logits.float().argmax(-1).tolist()
+        shared: dict[Decoding, list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.shares_sampling:
+                shared.setdefault(row.decoding, []).append(index)
+            elif row.chooses:
+                tokens[index] = row.choose(logits[index])
+        for decoding, indexes in shared.items():
+            for index, token in zip(indexes, decoding.sample(logits[indexes]), strict=True):
+                tokens[index] = token
+        return tokens
+
+    def take_jobs(self, block: bool, room: int) -> list:
+        """The jobs waiting, up to `room` (None in the list: the worker is closing); waits for one when `block`."""
+        taken = []
+        while len(taken) < room:
+            try:
+                job = self.jobs.get(block=block and not taken)
+            except queue.Empty:
+                break
+            taken.append(job)
+            if job is None:
+                break
+        return taken
+
+    def start(self, job: Job, batch: "RunningBatch") -> "Row | None":
+        """Begin a job: its prompt prefilled into the batch, its first token taken."""
+        if not job.begin():
+            return None
+        job.emit("started", job.prompt.tokens)
+        rows_before = batch.rows
+        try:
+            row = Row(job, self.chat, self.rules)
+            logits = batch.add(row.prompt_ids)
+            row.take(row.choose(logits[0]))
+            return row
+        except Exception:  # a bug (or out of memory): this reply fails, the others go on
+            traceback.print_exc()
+            if batch.rows > rows_before:
+                batch.keep(list(range(rows_before)))
+            job.emit("error", generation_failed())
+            return None
+
+    @staticmethod
+    def drop_ended(rows: list["Row"], batch: "RunningBatch") -> list["Row"]:
+        """The rows still generating; those whose reply ended (or whose client left) leave the batch."""
+        kept = []
+        for index, row in enumerate(rows):
+            if not row.ended and row.job.cancelled.is_set():
+                row.job.report_stop(len(row.ids))
+                row.ended = True
+            if not row.ended:
+                kept.append(index)
+        if len(kept) < len(rows):
+            batch.keep(kept)
+        return [rows[index] for index in kept]
+
+
+class Row:
+    """One reply in the batch: its tokens, how the next is chosen, and the reply on its way to the client (decoded
+    piece by piece as ChatModel.stream_parts decodes it, or, with tools, read whole as call_or_text reads it)."""
+
+    def __init__(self, job: Job, chat, rules: "GenerationRules"):
+        import torch
+        from transformers import TextStreamer
+
+        request = job.request
+        self.job, self.chat = job, chat
+        self.prompt_ids = job.prompt.ids
+        self.ids: list[int] = []  # generated so far, the end-of-turn token included
+        self.ended = False
+        self.stop_ids = set(chat.stop_ids)
+        self.decoding = rules.for_request(request.temperature, request.top_p)
+        self.generator = None  # a seed's own: the same seed, the same sample, whatever else is in the batch
+        if self.decoding.sampling and request.seed is not None:
+            self.generator = torch.Generator(device=chat.model.device).manual_seed(request.seed)
+        # sampled from the global generator, in one call with the other rows of the same settings
+        self.shares_sampling = self.decoding.sampling and self.decoding.reads_logits_only and self.generator is None
+        self.chooses = self.decoding.sampling or len(self.decoding.processors) > 0  # else the batch's greedy token
+        self.reply = ReplyEvents(job)
+        self.whole = request.parse_calls  # a reply that may be a call is read whole
+        if not self.whole:
+            self.pieces: list[str] = []
+            # TextStreamer's pieces, those stream_parts yields, collected instead of printed. A thinking family's
+            # <think> and </think> may be special tokens: kept, to tell the reasoning apart.
+            self.decoder = TextStreamer(chat.tokenizer, skip_special_tokens=not chat.thinks)
+            self.decoder.on_finalized_text = lambda text, stream_end=False: self.pieces.append(text)
+            self.parts = ReasoningStream(thinking=chat.thinks)
+            self.send(self.parts.feed(chat.opening(self.prompt_ids)))
+
+    def choose(self, logits) -> int:
+        """The next token from this row's logits: model.generate's processors, then greedy or a sample."""
+        import torch
+
+        decoding = self.decoding
+        if decoding.sampling and decoding.reads_logits_only:
+            return decoding.sample(logits.unsqueeze(0), self.generator)[0]
+        scores = logits.float().unsqueeze(0)
+        if len(decoding.processors):
+            input_ids = torch.tensor([self.prompt_ids + self.ids], device=logits.device)
+            scores = decoding.processors(input_ids, scores)
+        if not decoding.sampling:
+            return int(scores.argmax(-1))
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=self.generator))
+
+    def take(self, token: int) -> None:
+        """Add the token chosen; pass on the text it completes; end the reply at an end-of-turn token, a stop
+        string or max_new_tokens."""
+        import torch
+
+        self.ids.append(token)
+        stop_token = token in self.stop_ids
+        if not self.whole:
+            self.decoder.put(torch.tensor([] if stop_token else [token], dtype=torch.long))  # as stream_parts filters
+            if self.send(self.decoded_parts()):
+                self.end()
+                return
+        if stop_token or len(self.ids) >= self.job.prompt.max_new_tokens:
+            self.end()
+
+    def decoded_parts(self):
+        """The reasoning and answer parts of the pieces decoded since the last call."""
+        pieces, self.pieces = self.pieces, []
+        for piece in pieces:
+            yield from self.parts.feed(piece)
+
+    def send(self, parts) -> bool:
+        """Pass parts on until a stop string ends the answer; True once one has."""
+        return any(self.reply.part(kind, piece) for kind, piece in parts)
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        new_ids = cut_at_stop(self.ids, self.stop_ids)
+        usage = {
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.ids),
+            "finish_reason": "length" if len(new_ids) == len(self.ids) >= self.job.prompt.max_new_tokens else "stop",
+        }
+        if self.whole:
+            raw = self.chat.opening(self.prompt_ids) + self.chat.tokenizer.decode(new_ids, skip_special_tokens=False)
+            self.reply.parsed(read_reply(raw, self.chat.family, self.job.request.tools), usage)
+        elif not self.reply.text.stopped:
+            self.decoder.end()
+            if not self.send(self.decoded_parts()):
+                self.send(self.parts.finish())
+        self.reply.done(usage)
+
+
+def read_reply(raw: str, family: str, tools: list[dict]):
+    """glm_sft.tools.call_or_text's reading of a reply written whole: its calls, or text (a reply whose calls cannot
+    be read is the text the model wrote, its reasoning apart, with a warning)."""
+    try:
+        return parse_reply(raw, family, tools)
+    except MalformedCall as error:
+        print(f"warning: {error}", file=sys.stderr)
+        reasoning, answer = split_reasoning(raw) if family in THINKING_FAMILIES else ("", raw)
+        return Reply(answer.strip(), [], reasoning)
+
+
+@dataclass(eq=False)
+class Decoding:
+    """How the next token of a request is chosen: model.generate's logits processors, then greedy or a sample."""
+
+    processors: object  # a LogitsProcessorList, empty for plain greedy decoding
+    sampling: bool
+    reads_logits_only: bool  # temperature, top-k, top-p, min-p: rows with the same settings share one call
+
+    def sample(self, logits, generator=None) -> list[int]:
+        """Sampled tokens for rows of logits ([rows, vocab]) whose processors read the logits only."""
+        import torch
+
+        scores = self.processors(torch.empty(len(logits), 0, dtype=torch.long, device=logits.device), logits.float())
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)[:, 0].tolist()
+
+
+class GenerationRules:
+    """model.generate's logits processors for a request's settings, as generate builds them (the model's generation
+    config under the request's temperature and top_p, the family's stop ids): none for plain greedy decoding."""
+
+    def __init__(self, chat):
+        self.chat = chat
+        self.known: dict[tuple[float, float], Decoding] = {}
+
+    def for_request(self, temperature: float, top_p: float) -> Decoding:
+        from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        key = (temperature, top_p) if temperature > 0 else (0.0, 1.0)
+        if key not in self.known:
+            if len(self.known) >= 64:  # requests may send any number of settings
+                self.known.clear()
+            chat = self.chat
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+            config, _ = chat.model._prepare_generation_config(
+                None,
+                eos_token_id=chat.stop_ids,
+                pad_token_id=chat.tokenizer.pad_token_id,
+                **(sampling or {"do_sample": False}),
+            )
+            # What generate applies to each step's logits; transformers' own continuous batching builds them alike.
+            processors = chat.model._get_logits_processor(config)
+            warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+            reads_logits_only = all(isinstance(processor, warpers) for processor in processors)
+            self.known[key] = Decoding(processors, temperature > 0, reads_logits_only)
+        return self.known[key]
+
+
+class BatchingUnsupported(Exception):
+    """The model's cache cannot be shared by rows of different lengths."""
+
+
+class RunningBatch:
+    """The rows generating together and their one key/value cache: each row's cache is left-padded to the longest,
+    the padding masked, and each row given its own positions, so one forward pass takes the next token of every row.
+    A row joins with its prompt's cache (prefilled alone, as model.generate prefills it) and leaves when its reply
+    ends; the padding that every row left has on its left is cut away."""
+
+    def __init__(self, model):
+        import inspect
+
+        self.model = model
+        self.cache = None
+        self.mask = None  # [rows, length]: 1 for a token, 0 for padding
+        self.padded = False
+        self.positions: list[int] = []  # each row's next position: its tokens so far
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's own forward
+        keeps = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.only_last = {"logits_to_keep": 1} if keeps else {}  # as generate asks: the last position's logits
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
+
+    def add(self, prompt_ids: list[int]):
+        """Prefill a row's prompt and let it join; returns its next-token logits ([1, vocab])."""
+        import torch
+        from transformers.cache_utils import DynamicLayer
+
+        device = self.model.device
+        input_ids = torch.tensor([prompt_ids], device=device)
+        positions = torch.arange(len(prompt_ids), device=device).unsqueeze(0)
+        output = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **self.only_last)
+        cache = output.past_key_values
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
+            raise BatchingUnsupported(f"its cache ({', '.join(kinds)}) cannot be padded and shared")
+        length = len(prompt_ids)
+        if self.cache is None:
+            self.cache, self.mask = cache, torch.ones(1, length, dtype=torch.long, device=device)
+        else:  # the new tensors first, then all at once: a failure leaves the batch as it was
+            width = max(self.mask.shape[1], length)
+            joined = [
+                (
+                    torch.cat([left_pad(mine.keys, width), left_pad(joining.keys, width)]),
+                    torch.cat([left_pad(mine.values, width), left_pad(joining.values, width)]),
+                )
+                for mine, joining in zip(self.cache.layers, layers, strict=True)
+            ]
+            mask = torch.zeros(self.rows + 1, width, dtype=torch.long, device=device)
+            mask[:-1, width - self.mask.shape[1] :] = self.mask
+            mask[-1, width - length :] = 1
+            for layer, (keys, values) in zip(self.cache.layers, joined, strict=True):
+                layer.keys, layer.values = keys, values
+            self.mask, self.padded = mask, bool((mask == 0).any())
+        self.positions.append(length)
+        return output.logits[:, -1]
+
+    def step(self, tokens: list[int]):
+        """One forward pass: each row's last token in; each row's next-token logits out ([rows, vocab])."""
+        import torch
+
+        device = self.model.device
+        mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long, device=device)], dim=1)
+        output = self.model(
+            input_ids=torch.tensor(tokens, device=device).unsqueeze(1),
+            attention_mask=mask if self.padded else None,  # no padding: no mask, as generate drops an all-ones mask
+            position_ids=torch.tensor(self.positions, device=device).unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+            **self.only_last,
+        )
+        self.mask = mask
+        self.positions = [position + 1 for position in self.positions]
+        return output.logits[:, -1]
+
+    def keep(self, indexes: list[int]) -> None:
+        """Keep only these rows (in this order)."""
+        import torch
+
+        if not indexes:
+            self.cache, self.mask, self.padded, self.positions = None, None, False, []
+            return
+        rows = torch.tensor(indexes, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[rows]
+        shared_padding = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        self.mask = mask[:, shared_padding:]
+        self.padded = bool((self.mask == 0).any())
+        self.positions = [self.positions[index] for index in indexes]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[rows, :, shared_padding:]
+            layer.values = layer.values[rows, :, shared_padding:]
+
+
+def left_pad(states, width: int):
+    """Cached keys or values ([rows, heads, length, dim]) with zeros on the left up to `width` positions."""
+    import torch
+
+    missing = width - states.shape[-2]
+    if missing == 0:
+        return states
+    return torch.cat([states.new_zeros(*states.shape[:-2], missing, states.shape[-1]), states], dim=-2)
+
+
+PROBE_TOKENS = 4
+
+
+def batching_problem(chat) -> str | None:
+    """Why this model's replies cannot be generated together (None: they can). A prefix-tuning adapter keeps virtual
+    tokens in the cache; a cache other than the plain dynamic one (GLM-5's indexer) cannot be padded; and, the last
+    check, two prompts of different lengths generated together must give the greedy tokens each gives alone."""
+    import torch
+
+    peft_config = getattr(chat.model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        return "its adapter (P-Tuning v2, prefix tuning) keeps virtual tokens in the cache"
+    questions = ("你好", "请用三句话介绍一下你自己。")
+    prompts = [chat.prompt_ids([{"role": "user", "content": question}])[0] for question in questions]
+    stops = set(chat.stop_ids)
+    try:
+        with torch.no_grad():
+            alone = []
+            for ids in prompts:
+                input_ids = torch.tensor([ids], device=chat.model.device)
+                output = chat.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=PROBE_TOKENS,
+                    do_sample=False,
+                    eos_token_id=chat.stop_ids,
+                    pad_token_id=chat.tokenizer.pad_token_id,
+                )
+                alone.append(output[0, len(ids) :].tolist())
+            batch = RunningBatch(chat.model)
+            together, live = [], []  # live: the rows in the batch (indexes into together), in its order
+            for ids in prompts + [None] * PROBE_TOKENS:  # the second prompt joins after the first's first step
+                if ids is not None:
+                    together.append([int(batch.add(ids)[0].float().argmax())])
+                    live.append(len(together) - 1)
+                kept = [
+                    index
+                    for index, row in enumerate(live)
+                    if len(together[row]) < PROBE_TOKENS and together[row][-1] not in stops
+                ]
+                if len(kept) < len(live):
+                    batch.keep(kept)
+                    live = [live[index] for index in kept]
+                if live:
+                    logits = batch.step([together[row][-1] for row in live])
+                    for index, row in enumerate(live):
+                        together[row].append(int(logits[index].float().argmax()))
+    except BatchingUnsupported as error:
+        return str(error)
+    except Exception as error:  # an architecture whose forward does not take a shared cache
+        return f"generating two replies together failed ({type(error).__name__}: {error})"
+    if together != alone:
+        return "replies generated together were not those generated alone"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -592,12 +1169,16 @@ def create_app(
     temperature: float = 0.8,
     top_p: float = 0.8,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_batch_size: int = 1,
 ):
-    """The FastAPI app serving `chat` (a glm_sft.inference.ChatModel)."""
+    """The FastAPI app serving `chat` (a glm_sft.inference.ChatModel). `max_batch_size`: how many replies are generated
+    together (1: one at a time, through chat.stream_parts); a model that cannot batch (see batching_problem) is
+    answered one at a time whatever it says. The model thread is `app.state.worker`: after create_app, no other
+    thread may run the model."""
     served_name = served_name or chat.name
     created = int(time.time())
     reader = RequestReader(chat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    worker = ModelWorker(chat)
+    worker = BatchingWorker(chat, max_batch_size) if max_batch_size > 1 else ModelWorker(chat)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -606,6 +1187,7 @@ def create_app(
         worker.close()
 
     app = FastAPI(title="glm-sft", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = worker
 
     @app.exception_handler(RequestError)
     async def request_error(request, error: RequestError):
@@ -649,24 +1231,24 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        worker.check_open()  # a 503 while the server shuts down
         raw = await request.body()  # BodyLimit refuses it past max_request_bytes
         chat_request, prompt = await reader.read(raw)  # a request that will not fit is refused here, not queued
         job = worker.submit(chat_request, prompt)
+        streaming = False
         try:
             first = await job.events.get()  # generation has started (or failed); waits its turn in the queue
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
-        if first.kind == "error":
-            return error_response(first.value)
-        completion = Completion(served_name, prompt_tokens=first.value, thinking=chat.thinks)
-        if chat_request.stream:
-            return JobStream(completion.chunks(job, chat_request.include_usage), job)
-        try:
+            if first.kind == "error":
+                return error_response(first.value)
+            completion = Completion(served_name, prompt_tokens=first.value, thinking=chat.thinks)
+            if chat_request.stream:
+                streaming = True
+                return JobStream(completion.chunks(job, chat_request.include_usage), job, worker)
             while (event := await job.events.get()).kind not in ("done", "error"):
                 completion.add(event)
         finally:
-            job.cancelled.set()
+            if not streaming:  # a stream's response finishes the job once it is sent
+                worker.finish(job)
         if event.kind == "error":
             return error_response(event.value)
         return completion.response(event.value)
@@ -716,9 +1298,9 @@ class BodyLimit:
 class JobStream(StreamingResponse):
     """Server-sent events; when the response ends for any reason (done, client gone), the job is stopped."""
 
-    def __init__(self, content, job: Job):
+    def __init__(self, content, job: Job, worker: ModelWorker):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.job = job
+        self.job, self.worker = job, worker
 
     async def __call__(self, scope, receive, send):
         try:
@@ -726,7 +1308,7 @@ class JobStream(StreamingResponse):
         except ClientDisconnect:
             pass  # the client hung up: nothing more to send
         finally:
-            self.job.cancelled.set()
+            self.worker.finish(self.job)
 
 
 class Completion:
@@ -835,15 +1417,67 @@ def parse_args(argv=None):
         help=f"larger request bodies get a 413 before they are read (default {DEFAULT_MAX_REQUEST_BYTES}, 4 MiB; "
         "raise it for a model whose context holds more than about a million characters)",
     )
+    parser.add_argument(
+        "--max_batch_size",
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help=f"how many replies are generated together (default {DEFAULT_MAX_BATCH_SIZE}; 1: one at a time)",
+    )
+    parser.add_argument(
+        "--shutdown_timeout",
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help=f"on SIGTERM or Ctrl-C, the seconds the replies being written get to finish (default "
+        f"{DEFAULT_SHUTDOWN_TIMEOUT:g}); those still running then end with an error event",
+    )
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
     if args.max_request_bytes < 1:
         parser.error("--max_request_bytes must be at least 1")
+    if args.max_batch_size < 1:
+        parser.error("--max_batch_size must be at least 1")
+    if not 0 <= args.shutdown_timeout < math.inf:
+        parser.error("--shutdown_timeout must be a number of seconds, 0 or more")
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_VARIABLE) or None
     return args
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which says where it listens once it does, and shuts down gracefully. On SIGINT or SIGTERM
+    it stops accepting connections, answers the requests still waiting for the model with a 503, and gives the replies
+    being written `shutdown_timeout` seconds to finish; those still running then end with an error event (and
+    `data: [DONE]` when streamed). A second signal ends that wait at once. The model thread has ended before run()
+    returns (a thread still in the model when the interpreter exits can abort it)."""
+
+    def __init__(self, config: uvicorn.Config, *, worker: ModelWorker, shutdown_timeout: float, announce):
+        super().__init__(config)
+        self.worker, self.shutdown_timeout, self.announce = worker, shutdown_timeout, announce
+        self.exit_signals: list[int] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None):
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.announce(host, port)
+
+    def handle_exit(self, sig, frame) -> None:  # the signal handler, in the event loop's thread
+        self.exit_signals.append(sig)
+        if self.should_exit:  # a second signal: the replies still running end now
+            self.shutdown_timeout = 0
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self.worker.end_running)
+        self.should_exit = True  # the signal is not raised again once the server has stopped, unlike uvicorn's
+
+    async def shutdown(self, sockets=None):
+        self.worker.begin_shutdown(self.shutdown_timeout)
+        await super().shutdown(sockets=sockets)
 
 
 @exit_on_user_error
@@ -858,21 +1492,29 @@ def main(argv=None):
         temperature=args.temperature,
         top_p=args.top_p,
         max_request_bytes=args.max_request_bytes,
+        max_batch_size=args.max_batch_size,
     )
 
-    class AnnouncingServer(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets=sockets)
-            if self.started:
-                host, port = self.servers[0].sockets[0].getsockname()[:2]
-                shown = f"[{host}]" if ":" in host else host
-                key = "API key required" if args.api_key else "no API key"
-                print(f"serving {chat.name} ({chat.family}) at http://{shown}:{port}/v1 ({key})", flush=True)
-                if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
-                    print(f"warning: listening on {args.host} with no API key: anyone who reaches it can use it")
+    def announce(host, port):
+        shown = f"[{host}]" if ":" in host else host
+        key = "API key required" if args.api_key else "no API key"
+        print(f"serving {chat.name} ({chat.family}) at http://{shown}:{port}/v1 ({key})", flush=True)
+        if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: listening on {args.host} with no API key: anyone who reaches it can use it")
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
-    AnnouncingServer(config).run()  # a port in use ends it with one uvicorn error line and a non-zero exit
+    # uvicorn cuts what is still open this long after the signal: only if the model thread is stuck in one step.
+    grace = args.shutdown_timeout + SHUTDOWN_MARGIN
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=grace)
+    server = Server(config, worker=app.state.worker, shutdown_timeout=args.shutdown_timeout, announce=announce)
+    try:
+        server.run()  # a port in use ends it with one uvicorn error line and a non-zero exit
+    finally:
+        stopped = app.state.worker.close()
+    if not stopped:  # the model thread is stuck: leave without finalizing the interpreter under it
+        print("error: the model thread did not stop; exiting without it", file=sys.stderr, flush=True)
+        os._exit(1)
+    if signal.SIGINT in server.exit_signals:
+        sys.exit(130)  # Ctrl-C, as every glm-sft script ends on it; SIGTERM ends with 0
 
 
 if __name__ == "__main__":
