@@ -260,8 +260,10 @@ def test_the_glm5_demo_answers_from_the_data_and_its_merged_export_replies_alike
     """builtin:tiny-glm5 (GlmMoeDsaForCausalLM: latent attention, the DSA indexer, experts) trains on the demo recipe
     in GLM-5's format; the merged export loads in plain transformers and writes what chat_cli writes."""
     import torch
-    from conftest import chat_once, run_script, trained_demo
+    from conftest import chat_once, trained_demo
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import export
 
     output_dir, result = trained_demo(tmp_path_factory, "builtin:tiny-glm5")
     assert "(glm5 format)" in result.stderr + result.stdout
@@ -270,8 +272,7 @@ def test_the_glm5_demo_answers_from_the_data_and_its_merged_export_replies_alike
     reply = chat_once("--adapter", output_dir, "--prompt", "你是谁？", "--temperature", "0")
     assert "小智" in reply and "thinking:" not in reply
     merged = tmp_path_factory.mktemp("glm5-export") / "merged"
-    exported = run_script("export.py", output_dir, "--out_dir", merged, "--dtype", "fp32")
-    assert exported.returncode == 0, exported.stderr[-2000:]
+    export.main([str(output_dir), "--out_dir", str(merged), "--dtype", "fp32"])
     model = AutoModelForCausalLM.from_pretrained(merged)
     tokenizer = AutoTokenizer.from_pretrained(merged)
     assert type(model).__name__ == "GlmMoeDsaForCausalLM"
@@ -292,11 +293,10 @@ def test_the_glm5_demo_answers_from_the_data_and_its_merged_export_replies_alike
 def test_the_reasoning_demo_thinks_then_answers_and_chat_shows_them_apart(tmp_path):
     """The tiny GLM-4.5 model (MoE) learns the reasoning demo and answers from the data (the other MoE generations'
     demo: the GLM-5 test above)."""
-    from conftest import chat_once, run_script
+    from conftest import chat_once, train_in_process
 
     output_dir = tmp_path / "reasoning"
-    result = run_script("train.py", "--config", "recipes/demo_reasoning.yaml", "--output_dir", output_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = train_in_process("--config", "recipes/demo_reasoning.yaml", "--output_dir", output_dir)
     assert "(glm45 format)" in result.stderr + result.stdout
     shown = chat_once("--adapter", output_dir, "--prompt", "12 加 7 等于多少？", "--temperature", "0")
     thinking, _, answer = shown.partition("answer:")

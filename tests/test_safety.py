@@ -335,8 +335,9 @@ def test_output_dir_has_our_model_card_and_the_row_counts(finished_run):
 
 @pytest.mark.slow
 def test_a_non_main_process_stays_quiet_while_a_busy_main_process_reports():
-    """Rank 1 meets a data error first; the main process, on a loaded machine, reports it 15 s later and the launcher
-    then ends rank 1 (SIGTERM). Rank 1 must not have printed the error in between."""
+    """Rank 1 meets a data error first; the main process, on a loaded machine, reports it seconds later and the
+    launcher then ends rank 1 (SIGTERM). Rank 1 must not have printed the error in between (it waits
+    DEFER_ERROR_SECONDS, 60 s, for that SIGTERM)."""
     code = (
         "from glm_sft import UserError, exit_on_user_error\n"
         "@exit_on_user_error\n"
@@ -351,7 +352,7 @@ def test_a_non_main_process_stays_quiet_while_a_busy_main_process_reports():
     )
     try:
         assert rank1.stdout.readline().strip() == "failing"
-        time.sleep(15)  # the main process is still reading the data
+        time.sleep(5)  # the main process is still reading the data
         rank1.send_signal(signal.SIGTERM)  # what torch elastic does once the main process has exited
         output = rank1.communicate(timeout=120)[0]
     finally:
