@@ -40,7 +40,8 @@ GLM47_FLASH = dict(
     attention_bias=False,
     tie_word_embeddings=False,
 )
-# config.json of zai-org/GLM-4.5-Air (Glm4MoeForCausalLM): 46 layers (1 dense), 128 routed experts, GQA 96/8.
+# GLM-4.5-Air (Glm4MoeForCausalLM): 46 layers (1 dense), 128 routed experts, GQA 96/8; these values come from a public
+# training script's model arguments for GLM-4.5-Air (slime, scripts/models/glm4.5-106B-A12B.sh), not its config.json.
 GLM45_AIR = dict(
     model_type="glm4_moe",
     vocab_size=151552,

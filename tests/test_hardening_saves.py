@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, mount_tmpfs, run_main
-from test_safety import TINY, one_cpu_thread  # noqa: F401 (an autouse fixture: one CPU thread, from the repository)
+from test_safety import TINY, one_cpu_thread, one_error  # noqa: F401 (one_cpu_thread: an autouse fixture)
 
 from glm_sft import UserError
 from glm_sft import checkpoints as checkpoints_module
@@ -37,14 +37,6 @@ def disk(tmp_path):
     """A 16 MB tmpfs: room for a run and its first checkpoint, then filled by the test."""
     yield mount_tmpfs(tmp_path / "disk", "size=16m")
     subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
-
-
-def one_error(result) -> str:
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    return errors[0]
 
 
 def train(*argv) -> None:
