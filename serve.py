@@ -59,6 +59,7 @@ from glm_sft.inference import (
     encode_prompt,
     load_from_arguments,
 )
+from glm_sft.jsonio import json_type_name
 from glm_sft.template import CONTROL_TOKENS, TEMPLATE_SWITCHES, THINKING_FAMILIES
 from glm_sft.tools import (
     MalformedCall,
@@ -66,7 +67,6 @@ from glm_sft.tools import (
     Reply,
     call_or_text,
     canonical_tools,
-    json_type_name,
     parse_arguments,
     parse_reply,
     split_reasoning,

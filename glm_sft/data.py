@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from glm_sft import UserError
+from glm_sft.jsonio import JSON_SPACE, StrictJSON, json_type_name, loads_json
 from glm_sft.template import CONTROL_TOKENS, output_items
 from glm_sft.tools import (
-    StrictJSON,
     canonical_tools,
     is_python_call,
-    json_type_name,
-    loads_json,
     parse_arguments,
     python_call_arguments,
     result_text,
@@ -50,7 +48,6 @@ PLACEHOLDER_RECIPE_KEYS = {"name": "assistant_name", "author": "assistant_author
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 # What a path that is neither a file nor a folder is, by its stat mode.
 _PATH_KINDS = {
     stat.S_ISCHR: "a character device",
@@ -273,7 +270,7 @@ def _json_lines_rows(text: str) -> Iterator[tuple[int, Any]]:
 def _json_list_rows(text: str) -> Iterator[tuple[int, Any]]:
     """The elements of a JSON list, each with the line where it starts; a syntax error stops the file."""
     decoder = StrictJSON()
-    position = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    position = JSON_SPACE.match(text, text.index("[") + 1).end()
     line, counted_to = 1, 0
     try:
         if text.startswith("]", position):
@@ -287,15 +284,15 @@ def _json_list_rows(text: str) -> Iterator[tuple[int, Any]]:
                     raise _UnreadableFile(f"the JSON {problem}; stopped reading this file", line=line)
                 position = end
                 yield line, _BadRow(f"the JSON {problem}") if problem else element
-                position = _JSON_SPACE.match(text, position).end()
+                position = JSON_SPACE.match(text, position).end()
                 if text.startswith(",", position):
-                    position = _JSON_SPACE.match(text, position + 1).end()
+                    position = JSON_SPACE.match(text, position + 1).end()
                 elif text.startswith("]", position):
                     position += 1
                     break
                 else:
                     raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
-        position = _JSON_SPACE.match(text, position).end()
+        position = JSON_SPACE.match(text, position).end()
         if position < len(text):
             raise json.JSONDecodeError("Extra data", text, position)
     except json.JSONDecodeError as error:
