@@ -60,18 +60,18 @@ from glm_sft.inference import (
     load_from_arguments,
 )
 from glm_sft.jsonio import json_type_name
-from glm_sft.template import CONTROL_TOKENS, TEMPLATE_SWITCHES, THINKING_FAMILIES
-from glm_sft.tools import (
+from glm_sft.replies import (
     MalformedCall,
     ReasoningStream,
     Reply,
     call_or_text,
-    canonical_tools,
     parse_arguments,
     parse_reply,
     split_reasoning,
     tool_call,
 )
+from glm_sft.template import CONTROL_TOKENS, TEMPLATE_SWITCHES, THINKING_FAMILIES
+from glm_sft.tools import canonical_tools
 
 API_KEY_VARIABLE = "GLM_SFT_API_KEY"
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
@@ -586,7 +586,7 @@ class ReplyEvents:
         return self.text.stopped
 
     def parsed(self, reply, usage: dict) -> None:
-        """Pass a whole reply on, read by the family's parser (glm_sft.tools.Reply)."""
+        """Pass a whole reply on, read by the family's parser (glm_sft.replies.Reply)."""
         if reply.reasoning:
             self.job.emit("reasoning", reply.reasoning)
         self.part("answer", reply.content)

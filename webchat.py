@@ -20,8 +20,9 @@ import threading
 
 from glm_sft import UserError, exit_on_user_error
 from glm_sft.inference import add_model_arguments, add_tool_arguments, check_model_arguments, load_from_arguments
+from glm_sft.replies import MalformedCall, Reply, parse_reply, split_reasoning
 from glm_sft.template import CONTROL_TOKENS
-from glm_sft.tools import MalformedCall, Reply, ToolSession, parse_reply, result_text, split_reasoning, tool_names
+from glm_sft.tools import ToolSession, result_text, tool_names
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # Gradio reports usage to its servers unless told not to
 

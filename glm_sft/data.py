@@ -21,16 +21,9 @@ from typing import Any
 
 from glm_sft import UserError
 from glm_sft.jsonio import JSON_SPACE, StrictJSON, json_type_name, loads_json
-from glm_sft.template import CONTROL_TOKENS, output_items
-from glm_sft.tools import (
-    canonical_tools,
-    is_python_call,
-    parse_arguments,
-    python_call_arguments,
-    result_text,
-    tool_call,
-    tool_names,
-)
+from glm_sft.replies import is_python_call, parse_arguments, python_call_arguments, tool_call
+from glm_sft.template import control_token_in, output_items
+from glm_sft.tools import canonical_tools, result_text, tool_names
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 DATASET_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "firefly", "columns")
@@ -492,7 +485,7 @@ class _ConversationReader:
             value = self.placeholders.get(name)
             if not isinstance(value, str) or not value.strip():
                 unusable.setdefault(name, f"no value is set; set {key} in the recipe (or --{key})")
-            elif token := _control_token(value):
+            elif token := control_token_in(value):
                 unusable.setdefault(name, f"{key} ({_shown(value)}) contains the control token {token}; remove it")
             else:
                 return value
@@ -767,7 +760,7 @@ def _conversation_problems(turns: list[_Turn], tools: list[dict] | None) -> list
             problems.append(f"{turn.label} has content of type {json_type_name(turn.content)}; expected a string")
         elif turn.role != "system" and not turn.calls and not text.strip():
             problems.append(f"{turn.label} has empty content")
-        elif token := _control_token(*(outputs or [text])):
+        elif token := control_token_in(*(outputs or [text])):
             problems.append(f"{turn.label} contains the control token {token}; remove it from the text")
         problems += _call_problems(turn, tools)
     if problems:
@@ -803,7 +796,7 @@ def _reasoning_problems(turn: _Turn) -> list[str]:
         return []
     if not isinstance(turn.reasoning, str):
         return [f'{turn.label} has "reasoning_content" of type {json_type_name(turn.reasoning)}; expected a string']
-    if token := _control_token(turn.reasoning):
+    if token := control_token_in(turn.reasoning):
         return [f"{turn.label} reasoning contains the control token {token}; remove it from the text"]
     if "<think>" in turn.reasoning or "</think>" in turn.reasoning:
         return [f'{turn.label} has <think> or </think> inside its "reasoning_content"; give the reasoning alone']
@@ -831,16 +824,11 @@ def _call_problems(turn: _Turn, tools: list[dict] | None) -> list[str]:
         parsed, problem = parse_arguments(arguments)
         if problem:
             problems.append(f'{which}: the arguments of "{name}" {problem}')
-        elif token := _control_token(name, json.dumps(parsed)):
+        elif token := control_token_in(name, json.dumps(parsed)):
             problems.append(f"{which} contains the control token {token}; remove it")
         else:
             turn.calls[index] = (name, parsed)
     return problems
-
-
-def _control_token(*texts: str) -> str | None:
-    """The first of CONTROL_TOKENS that any of the texts contains."""
-    return next((token for token in CONTROL_TOKENS if any(token in text for text in texts)), None)
 
 
 def _result_order_problems(turns: list[_Turn]) -> list[str]:

@@ -14,12 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glm_sft import UserError
-from glm_sft.template import THINKING_FAMILIES, check_switches
+from glm_sft.replies import ReasoningStream, split_reasoning
+from glm_sft.template import check_switches, family_thinks
 from glm_sft.tokenization import encode_chat
-from glm_sft.tools import ReasoningStream, split_reasoning
 
 DEFAULT_CONTEXT = 4096  # for a config that does not say (max_position_embeddings)
 GENERATION_THREAD = "glm-sft-generate"  # the thread ChatModel.stream generates in
+
+
+def model_context(model) -> int:
+    """The tokens the model reads at once: prompt and reply together."""
+    return getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+
+
+def prompt_budget(model, max_new_tokens: int) -> int:
+    """The tokens a prompt may take and still leave max_new_tokens for the reply (at least one)."""
+    return max(model_context(model) - max_new_tokens, 1)
 
 
 @dataclass
@@ -34,12 +44,12 @@ class ChatModel:
 
     @property
     def context(self) -> int:
-        return getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+        return model_context(self.model)
 
     @property
     def thinks(self) -> bool:
         """Whether the family's replies open with reasoning (`<think>...</think>`)."""
-        return self.family in THINKING_FAMILIES
+        return family_thinks(self.family)
 
     def switches(self, template_kwargs: dict | None = None) -> dict:
         return {**self.template_kwargs, **(template_kwargs or {})}
@@ -48,7 +58,7 @@ class ChatModel:
         self, messages: list[dict], tools=None, max_new_tokens: int = 512, template_kwargs: dict | None = None
     ) -> tuple[list[int], list[dict]]:
         """(prompt ids, the messages kept) for the conversation, leaving room for max_new_tokens."""
-        budget = max(self.context - max_new_tokens, 1)
+        budget = prompt_budget(self.model, max_new_tokens)
         return fit_prompt(self.tokenizer, messages, budget, tools, template_kwargs=self.switches(template_kwargs))
 
     def generation_kwargs(
@@ -81,7 +91,7 @@ class ChatModel:
         self, messages, *, tools=None, stop: threading.Event | None = None, usage: dict | None = None, **settings
     ):
         """The reply piece by piece as ("reasoning" | "answer", text): a thinking family's `<think>` block apart from
-        its answer (see glm_sft.tools.ReasoningStream), all of it answer for the other families. Leading and trailing
+        its answer (see glm_sft.replies.ReasoningStream), all of it answer for the other families. Leading and trailing
         whitespace of each part is not sent. Setting `stop` ends generation at the next token; closing the generator
         early (Ctrl-C in the loop that reads it) does the same. A `usage` dict is filled once generation has ended
         (see generation_usage)."""
@@ -263,7 +273,7 @@ def generate_replies(
 ) -> list[str]:
     """Greedy replies to `prompts` ({"messages", optional "tools"}), `batch_size` at a time, left-padded; each prompt
     fitted to the context as fit_prompt does, with the template's switches `template_kwargs`. For a thinking `family`,
-    the answers alone (the reasoning split off, see glm_sft.tools.split_reasoning).
+    the answers alone (the reasoning split off, see glm_sft.replies.split_reasoning).
 
     synced_gpus: every process of a sharded model (DeepSpeed ZeRO-3, FSDP) calls this with the same prompts, and
     each keeps running forward passes until all are done, as the parameters are gathered collectively.
@@ -274,8 +284,7 @@ def generate_replies(
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
-    budget = max(context - max_new_tokens, 1)
+    budget = prompt_budget(model, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     replies = []
     batches = range(0, len(prompts), max(batch_size, 1))
@@ -300,7 +309,7 @@ def generate_replies(
                 synced_gpus=synced_gpus,
             )
         for ids, row in zip(encoded, output[:, width:].tolist(), strict=True):
-            if family in THINKING_FAMILIES:  # <think> may be a special token: kept to split the reasoning off
+            if family_thinks(family):  # <think> may be a special token: kept to split the reasoning off
                 text = generation_opening(tokenizer, ids) + tokenizer.decode(cut_at_stop(row, stop_ids))
                 replies.append(split_reasoning(text)[1])
             else:

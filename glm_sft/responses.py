@@ -5,7 +5,7 @@ transformers 5 parses a generated reply declaratively (`tokenizer.parse_response
 text-generation pipelines call): the `response_template` in tokenizer_config.json names the regions of an assistant
 turn, where each starts and ends and how it is read. Parsing starts after the prompt's last `<|assistant|>` (the
 `prefix`), so what the generation prompt already wrote (GLM-Z1's `\\n<think>`, GLM-4.7's `<think>` or `</think>`) is
-read as part of the reply. Ours give what glm_sft.tools.parse_reply gives, as a message: `content` (absent when
+read as part of the reply. Ours give what glm_sft.replies.parse_reply gives, as a message: `content` (absent when
 empty), `reasoning_content`, `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}]):
 - glm4, glm4_0414: `{metadata}\\n{content}`; a first line that is not empty, at the start or after an `<|assistant|>`
   the model writes, is a call's function name, and what follows up to the turn's end its JSON arguments.

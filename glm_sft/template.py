@@ -126,6 +126,14 @@ SPECIAL_TOKENS = {
 # ChatGLM3's own builder encodes message text with sentencepiece alone, so its spellings (sop, eop, <s>, </s>, <unk>)
 # stay text; glm_sft.tokenization encodes them as text too.
 CONTROL_TOKENS = tuple(_GLM4_TOKENS)
+
+
+def control_token_in(*texts: str) -> str | None:
+    """The first of CONTROL_TOKENS that any of the texts spells out, or None: such text is refused wherever it enters
+    (data rows, requests, the web chat)."""
+    return next((token for token in CONTROL_TOKENS if any(token in text for text in texts)), None)
+
+
 # The tokens that end a model's turn: generation stops at any of them.
 STOP_TOKENS = {
     "chatglm3": ["</s>", "<|user|>", "<|observation|>"],
@@ -491,10 +499,15 @@ def family_switches(family: str) -> tuple[str, ...]:
     return tuple(name for name in TEMPLATE_SWITCHES if name in read)
 
 
+def family_thinks(family: str) -> bool:
+    """Whether the family's replies open with reasoning (`<think>...</think>`): GLM-Z1 and GLM-4.5 onwards."""
+    return family in THINKING_FAMILIES
+
+
 def always_thinks(family: str) -> bool:
     """Whether the family's generation prompt opens the thinking of every reply, with no switch to turn it off
     (GLM-Z1's `<|assistant|>\n<think>`)."""
-    return family in THINKING_FAMILIES and "enable_thinking" not in family_switches(family)
+    return family_thinks(family) and "enable_thinking" not in family_switches(family)
 
 
 def check_switches(switches, family: str, where: str = "chat_template_kwargs") -> dict:

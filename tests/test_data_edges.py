@@ -10,7 +10,7 @@ from test_data import assistant, problems_of, system, user
 
 from glm_sft import UserError
 from glm_sft.data import read_conversations, read_datasets
-from glm_sft.tools import MalformedCall, parse_reply
+from glm_sft.replies import MalformedCall, parse_reply
 
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 TOOLS = [{"type": "function", "function": WEATHER}]

@@ -229,8 +229,8 @@ def test_an_xml_tool_row_round_trips_through_parse_reply(family):
     """What the template trains for a call (the generated span, end token cut) reads back as the same calls."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    from glm_sft.replies import parse_reply, tool_call
     from glm_sft.template import family_template
-    from glm_sft.tools import parse_reply, tool_call
 
     calls = [("get_weather", {"city": "北京", "days": 2}), ("get_weather", {"city": "上海", "days": 1})]
     messages = [

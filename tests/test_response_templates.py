@@ -1,5 +1,5 @@
 """The response templates (glm_sft/templates/response/): transformers' own parser, `tokenizer.parse_response` (what
-`transformers serve` and the pipelines call), reads every family's replies as glm_sft.tools.parse_reply does: whole,
+`transformers serve` and the pipelines call), reads every family's replies as glm_sft.replies.parse_reply does: whole,
 from token ids, streamed, with and without the token that ends the turn; and every tokenizer we save carries the
 family's template.
 
@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from glm_sft.loading import load_tokenizer
+from glm_sft.replies import Reply, parse_reply
 from glm_sft.responses import RESPONSE_DIR, response_template
 from glm_sft.template import (
     FAMILIES,
@@ -24,7 +25,6 @@ from glm_sft.template import (
     probe_conversations,
     save_tokenizer,
 )
-from glm_sft.tools import Reply, parse_reply
 
 # The built-in model whose tokenizer stands in for each family (GLM-4.6 and GLM-5.1 have the tokens of 4.5 and 5).
 BUILTIN = {

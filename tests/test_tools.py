@@ -9,17 +9,10 @@ from conftest import REPO, write_jsonl
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from glm_sft.data import DataError, read_conversations
+from glm_sft.replies import MalformedCall, ReasoningStream, Reply, call_or_text, parse_reply, split_reasoning
 from glm_sft.template import IGNORE_INDEX
 from glm_sft.tokenization import encode_conversation
-from glm_sft.tools import (
-    MalformedCall,
-    ReasoningStream,
-    Reply,
-    ToolSession,
-    call_or_text,
-    parse_reply,
-    split_reasoning,
-)
+from glm_sft.tools import ToolSession
 
 WEATHER = {
     "name": "get_weather",
