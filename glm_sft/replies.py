@@ -113,7 +113,7 @@ class ReasoningStream:
             elif self.kind == "reasoning":
                 before, closed, after = self.buffer.partition(THINK_CLOSE)
                 if not closed:
-                    held = _partial_tag(self.buffer, THINK_CLOSE)
+                    held = partial_tag_length(self.buffer, THINK_CLOSE)
                     self._pass(parts, self.buffer[: len(self.buffer) - held])
                     self.buffer = self.buffer[len(self.buffer) - held :]
                     return parts
@@ -142,7 +142,7 @@ class ReasoningStream:
             self.started = True
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag_length(text: str, tag: str) -> int:
     """The length of the longest end of `text` that begins `tag`."""
     return next((size for size in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-size:])), 0)
 
