@@ -120,7 +120,7 @@ SPECIAL_TOKENS = {
         "<|observation|>",
     ],
 }
-# Spellings refused in message text (data.py), for every family, since data is read before the family is known:
+# Spellings refused in message text (glm_sft/data/checks.py) for every family: data is read before the family is known.
 # GLM-4's tokenizer (glm-4-9b-chat's, and the -hf tokenizer.json) reads its special tokens in any text, so in content
 # they would silently change the conversation's format (or, <|begin_of_image|> and the like, insert a control token).
 # ChatGLM3's own builder encodes message text with sentencepiece alone, so its spellings (sop, eop, <s>, </s>, <unk>)

@@ -147,7 +147,7 @@ def cuts(messages):
 
 def has_control_spellings(conversation) -> bool:
     """Whether the conversation's strings hold a special token's spelling (`<think>` inline, `/nothink`): training
-    encodes those as text (data.py moves inline reasoning into reasoning_content before)."""
+    encodes those as text (glm_sft/data/checks.py moves inline reasoning into reasoning_content before)."""
     return any(spelling in json.dumps(conversation, ensure_ascii=False) for spelling in SPECIAL_TOKENS["glm5"])
 
 
