@@ -20,15 +20,16 @@ import threading
 
 from glm_sft import UserError, exit_on_user_error
 from glm_sft.inference import add_model_arguments, add_tool_arguments, check_model_arguments, load_from_arguments
-from glm_sft.replies import MalformedCall, Reply, parse_reply, split_reasoning
-from glm_sft.template import CONTROL_TOKENS
-from glm_sft.tools import ToolSession, result_text, tool_names
+from glm_sft.replies import Reply
+from glm_sft.template import control_token_in
+from glm_sft.tools import ToolSession, tool_names, waiting_calls
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # Gradio reports usage to its servers unless told not to
 
 CALL_TITLE = "Tool call: {name}"
 RESULT_TITLE = "Tool result: {name}"
 THINKING_TITLE = "Thinking"  # a thinking family's reasoning: a bubble of its own, folded under this title
+GENERATING = "Generating…"
 
 
 class WebChat:
@@ -49,20 +50,6 @@ class WebChat:
     def new_conversation() -> dict:
         return {"messages": [], "shown": []}
 
-    @staticmethod
-    def waiting_call(conversation: dict) -> str | None:
-        """The function whose result the conversation waits for (a call of the last assistant message that has no
-        result yet), else None."""
-        messages = conversation["messages"]
-        results = 0
-        for message in reversed(messages):
-            if message["role"] == "tool":
-                results += 1
-                continue
-            calls = message.get("tool_calls") or [] if message["role"] == "assistant" else []
-            return calls[results]["function"]["name"] if results < len(calls) else None
-        return None
-
     def respond(self, text, conversation, system, temperature, top_p, max_tokens, session: str = ""):
         """Take the text the person sent and answer it; yields (conversation, status) as the reply grows."""
         stop = self.stops[session] = threading.Event()
@@ -70,15 +57,13 @@ class WebChat:
         if not text:
             yield conversation, "Type a message first."
             return
-        if token := next((token for token in CONTROL_TOKENS if token in text + (system or "")), None):
+        if token := control_token_in(text, system or ""):
             yield conversation, f"Not sent: {token} is a token of the chat format; remove it from the message."
             return
         conversation = {"messages": list(conversation["messages"]), "shown": list(conversation["shown"])}
-        if name := self.waiting_call(conversation):  # the text is the result of the call the model made
-            self.add_result(conversation, name, text)
-            if name := self.fill_results(conversation):  # several calls: the next one waits for its result
-                yield conversation, f"The model called {name}: send its result as your next message."
-                return
+        if waiting := waiting_calls(conversation["messages"]):  # the text is the result of the call the model made
+            conversation["messages"].append({"role": "tool", "content": text})
+            conversation["shown"].append(self.result_bubble(waiting[0]["name"], text))
         else:
             conversation["messages"].append({"role": "user", "content": text})
             conversation["shown"].append({"role": "user", "content": text})
@@ -92,7 +77,7 @@ class WebChat:
     def stream_reply(self, conversation: dict, system_prompt: list[dict], settings: dict, stop: threading.Event):
         bubbles = {}  # "reasoning" (a thinking family's, folded under THINKING_TITLE) and "answer", as they come
         usage = {}
-        yield conversation, "Generating…"
+        yield conversation, GENERATING
         messages = system_prompt + conversation["messages"]
         with contextlib.closing(self.chat.stream_parts(messages, usage=usage, **settings)) as pieces:
             for kind, piece in pieces:
@@ -104,7 +89,7 @@ class WebChat:
                         bubbles[kind]["metadata"] = {"title": THINKING_TITLE}
                     conversation["shown"].append(bubbles[kind])
                 bubbles[kind]["content"] += piece
-                yield conversation, "Generating…"
+                yield conversation, GENERATING
         answer = bubbles.setdefault("answer", {"role": "assistant", "content": ""})
         if answer not in conversation["shown"]:
             conversation["shown"].append(answer)
@@ -115,63 +100,53 @@ class WebChat:
         yield conversation, "Stopped." if stop.is_set() else self.finished(usage)
 
     def tool_turn(self, conversation: dict, system_prompt: list[dict], settings: dict, stop: threading.Event):
-        """Generate until the model answers in text, or calls a function whose result has to come from the person."""
-        yield conversation, "Generating…"
-        for _ in range(ToolSession.MAX_CALLS_PER_TURN):
-            if stop.is_set():
-                yield conversation, "Stopped."
-                return
-            usage = {}
-            reply = self.tool_reply(system_prompt + conversation["messages"], usage, settings)
-            conversation["messages"].append(reply.message())
-            if reply.reasoning:
-                conversation["shown"].append(
-                    {"role": "assistant", "content": reply.reasoning, "metadata": {"title": THINKING_TITLE}}
-                )
-            if not reply.calls or reply.content:
-                conversation["shown"].append({"role": "assistant", "content": reply.content})
-            if not reply.calls:
-                yield conversation, self.finished(usage)
-                return
-            for call in reply.calls:
-                unknown = "" if call["name"] in tool_names(self.tools.tools) else " (not one of the tools)"
-                conversation["shown"].append(
+        """ToolSession.turn on the page: each reply, call and result a bubble, until the model answers in text or
+        calls a function whose result has to come from the person (their next message)."""
+        yield conversation, GENERATING
+        usage = {}  # the last reply's
+        messages, shown = conversation["messages"], conversation["shown"]
+        turn = self.tools.turn(self.chat, messages, None, stop.is_set, system_prompt, usage=usage, **settings)
+        for kind, value in turn:
+            status = GENERATING
+            if kind == "reply":
+                self.show_reply(shown, value)
+                status = GENERATING if value.calls else self.finished(usage)
+            elif kind == "call":
+                unknown = "" if self.tools.defines(value["name"]) else " (not one of the tools)"
+                shown.append(
                     {
                         "role": "assistant",
-                        "content": f"```json\n{json.dumps(call['arguments'], ensure_ascii=False, indent=2)}\n```",
-                        "metadata": {"title": CALL_TITLE.format(name=call["name"]) + unknown},
+                        "content": f"```json\n{json.dumps(value['arguments'], ensure_ascii=False, indent=2)}\n```",
+                        "metadata": {"title": CALL_TITLE.format(name=value["name"]) + unknown},
                     }
                 )
-            if name := self.fill_results(conversation):
-                yield conversation, f"The model called {name}: send its result as your next message."
-                return
-            yield conversation, "Generating…"
-        yield conversation, f"Stopped: the model made {ToolSession.MAX_CALLS_PER_TURN} calls without answering."
-
-    def tool_reply(self, messages: list[dict], usage: dict, settings: dict) -> Reply:
-        """The model's reply with the tools offered; one whose call cannot be read is shown as text, with why."""
-        raw = self.chat.raw_reply(messages, tools=self.tools.tools, usage=usage, **settings)
-        try:
-            return parse_reply(raw, self.chat.family, self.tools.tools)
-        except MalformedCall as error:
-            reasoning, answer = split_reasoning(raw) if self.chat.thinks else ("", raw.strip())
-            return Reply(f"{answer}\n\n(could not read this call: {error})", [], reasoning)
-
-    def fill_results(self, conversation: dict) -> str | None:
-        """Add the results file's result for each call still waiting, in turn; the function whose result has to come
-        from the person, else None."""
-        results = (self.tools.results if self.tools else None) or {}
-        while name := self.waiting_call(conversation):
-            if name not in results:
-                return name
-            self.add_result(conversation, name, result_text(results[name]))
-        return None
+            elif kind == "result":
+                call, result = value
+                shown.append(self.result_bubble(call["name"], result))
+            elif kind == "waiting":
+                status = f"The model called {value['name']}: send its result as your next message."
+            elif kind == "stopped":
+                status = "Stopped."
+            else:
+                status = f"Stopped: the model made {value} calls without answering."
+            yield conversation, status
 
     @staticmethod
-    def add_result(conversation: dict, name: str, result: str) -> None:
-        conversation["messages"].append({"role": "tool", "content": result})
-        shown = {"role": "assistant", "content": result, "metadata": {"title": RESULT_TITLE.format(name=name)}}
-        conversation["shown"].append(shown)  # beside the call it answers, not as the person's words
+    def show_reply(shown: list[dict], reply: Reply) -> None:
+        """A reply's reasoning (folded) and text as bubbles; one whose call could not be read is shown as text, with
+        why."""
+        if reply.reasoning:
+            shown.append({"role": "assistant", "content": reply.reasoning, "metadata": {"title": THINKING_TITLE}})
+        if reply.unread:
+            shown.append(
+                {"role": "assistant", "content": f"{reply.content}\n\n(could not read this call: {reply.unread})"}
+            )
+        elif not reply.calls or reply.content:
+            shown.append({"role": "assistant", "content": reply.content})
+
+    @staticmethod
+    def result_bubble(name: str, result: str) -> dict:
+        return {"role": "assistant", "content": result, "metadata": {"title": RESULT_TITLE.format(name=name)}}
 
     @staticmethod
     def finished(usage: dict) -> str:

@@ -49,11 +49,13 @@ _XML_ARGUMENT = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg
 @dataclass
 class Reply:
     """A generated reply read back: the reasoning (thinking families; "" otherwise), the text, and the calls
-    [{"name", "arguments"}] in the order the model made them (GLM-4.5 and later may make several in one turn)."""
+    [{"name", "arguments"}] in the order the model made them (GLM-4.5 and later may make several in one turn).
+    `unread`: why the calls it starts could not be read, when call_or_text gave it back as text (not compared)."""
 
     content: str
     calls: list[dict] = field(default_factory=list)
     reasoning: str = ""
+    unread: str = field(default="", compare=False)
 
     def message(self) -> dict:
         """The reply as a canonical assistant message, as the templates render it back into the history."""
@@ -283,11 +285,11 @@ def _python_call_arguments(name: str, content: str) -> dict:
 
 def call_or_text(chat, messages: list[dict], tools: list[dict], **settings) -> Reply:
     """The model's next reply with `tools` offered, read by parse_reply: its calls, or text. A reply whose calls cannot
-    be read is given back as the text the model wrote (its reasoning apart), with a warning."""
+    be read is given back as the text the model wrote (its reasoning apart), with a warning and why in `unread`."""
     raw = chat.raw_reply(messages, tools=tools, **settings)
     try:
         return parse_reply(raw, chat.family, tools)
     except MalformedCall as error:
         print(f"warning: {error}", file=sys.stderr)
         reasoning, answer = split_reasoning(raw) if family_thinks(chat.family) else ("", raw)
-        return Reply(answer.strip(), [], reasoning)
+        return Reply(answer.strip(), [], reasoning, unread=str(error))

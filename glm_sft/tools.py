@@ -1,6 +1,7 @@
 """Tool definitions in the canonical (Hugging Face) shape, {"type": "function", "function": {"name", "description",
 "parameters"}}, read from data, requests and tools files; and `ToolSession`, the loop that answers a model's calls
-(from a results file or the person at the prompt) until it replies in text. Replies are read back in glm_sft.replies.
+(from a results file, the person at the prompt or the web page) until it replies in text: chat_cli and webchat both
+drive it. Replies are read back in glm_sft.replies.
 """
 
 import json
@@ -77,9 +78,22 @@ def result_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def waiting_calls(messages: list[dict]) -> list[dict]:
+    """The calls {"name", "arguments"} of the conversation's last assistant message that have no result yet (its
+    results follow it in the order of its calls)."""
+    results = 0
+    for message in reversed(messages):
+        if message["role"] == "tool":
+            results += 1
+            continue
+        calls = (message.get("tool_calls") or []) if message["role"] == "assistant" else []
+        return [call["function"] for call in calls[results:]]
+    return []
+
+
 class ToolSession:
-    """The tools a chat model may call, and where call results come from: a results file, or the person at the
-    prompt (`ask`). chat_cli answers a turn with it: each call printed as JSON, its result fed back, until text."""
+    """The tools a chat model may call, and where call results come from: a results file, or else `ask` (the person
+    at chat_cli's prompt) or, with no `ask`, a later message (webchat's page). `turn` is the loop both drive."""
 
     MAX_CALLS_PER_TURN = 8  # a model stuck calling would otherwise never hand the turn back
 
@@ -92,9 +106,15 @@ class ToolSession:
             raise UserError(f"{results_file}: expected a JSON object mapping function names to results")
         self.results_file = results_file
 
-    def result_for(self, call: dict, ask) -> str:
+    def defines(self, name: str) -> bool:
+        return name in tool_names(self.tools)
+
+    def result_for(self, call: dict, ask) -> str | None:
+        """The call's result: from the results file, else from `ask` (None when there is no `ask`)."""
         if self.results is not None and call["name"] in self.results:
             return result_text(self.results[call["name"]])
+        if ask is None:
+            return None
         if self.results is not None and not sys.stdin.isatty():
             raise UserError(f"{self.results_file} has no result for {call['name']}; add one")
         try:
@@ -102,20 +122,51 @@ class ToolSession:
         except EOFError:
             raise UserError(f"no result for the call to {call['name']}: give --tool_results FILE or type it") from None
 
-    def answer(self, chat, messages: list[dict], ask=input, **settings) -> Reply:
-        """Generate until the model replies in text; each call is printed as one JSON line and answered. The
-        replies (with their reasoning) join `messages`; returns the last one, the text."""
-        for _ in range(self.MAX_CALLS_PER_TURN):
-            reply = call_or_text(chat, messages, self.tools, **settings)
+    def turn(self, chat, messages: list[dict], ask=input, stop=None, system: list[dict] = (), **settings):
+        """The model's turn with the tools offered, as events (kind, value): generate (read by call_or_text), answer
+        each call, again until the model replies in text. Replies and results join `messages`; each prompt is
+        `system` + `messages`, fitted to the context anew (`messages` keeps its whole history).
+
+        - ("reply", Reply), then ("call", call) for each of its calls, then ("result", (call, text)) for each;
+        - the turn ends after a reply in text, or with ("waiting", call) when a result has to come later (no `ask`):
+          add it to `messages` and start the next turn, which answers the calls still waiting first;
+          ("stopped", None) when `stop()` is true before a generation; ("limit", MAX_CALLS_PER_TURN) when that many
+          replies all called.
+        """
+        replies = 0
+        while True:
+            for call in waiting_calls(messages):
+                result = self.result_for(call, ask)
+                if result is None:
+                    yield "waiting", call
+                    return
+                messages.append({"role": "tool", "content": result})
+                yield "result", (call, result)
+            if replies == self.MAX_CALLS_PER_TURN:
+                yield "limit", replies
+                return
+            if stop is not None and stop():
+                yield "stopped", None
+                return
+            reply = call_or_text(chat, [*system, *messages], self.tools, **settings)
+            replies += 1
             messages.append(reply.message())
+            yield "reply", reply
             if not reply.calls:
-                return reply
+                return
             for call in reply.calls:
-                print(json.dumps(call, ensure_ascii=False), flush=True)
-                if call["name"] not in tool_names(self.tools):
-                    print(f"warning: the model called {call['name']}, which is not in the tools", file=sys.stderr)
-            for call in reply.calls:
-                messages.append({"role": "tool", "content": self.result_for(call, ask)})
+                yield "call", call
+
+    def answer(self, chat, messages: list[dict], ask=input, **settings) -> Reply:
+        """chat_cli's turn: each call printed as one JSON line and answered, until the model replies in text. The
+        replies (with their reasoning) join `messages`; returns the last one, the text."""
+        for kind, value in self.turn(chat, messages, ask, **settings):
+            if kind == "call":
+                print(json.dumps(value, ensure_ascii=False), flush=True)
+                if not self.defines(value["name"]):
+                    print(f"warning: the model called {value['name']}, which is not in the tools", file=sys.stderr)
+            elif kind == "reply" and not value.calls:
+                return value
         raise UserError(f"the model made {self.MAX_CALLS_PER_TURN} calls in one turn without replying; stopped")
 
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, write_jsonl
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from glm_sft import UserError
 from glm_sft.data import DataError, read_conversations
 from glm_sft.replies import MalformedCall, ReasoningStream, Reply, call_or_text, parse_reply, split_reasoning
 from glm_sft.template import IGNORE_INDEX
@@ -62,9 +63,9 @@ TWO_CALLS = [
 CALL_THEN_MORE_TURNS = [*ONE_CALL, user("算一下 3*4"), assistant("", call("calculator", expression="3*4")), tool("12"),
                         assistant("结果是 12。"), user("谢谢"), assistant("不客气！")]  # fmt: skip
 
-# ---- the native formats, written out by hand from DESIGN.md ("The chat formats") ----
+# ---- the native formats, written out by hand ----
 
-# One newline before "## name", not the two DESIGN.md writes: the template glm-4-9b-chat ships has two, but
+# One newline before "## name": the template glm-4-9b-chat ships has two, but
 # transformers (and so vLLM) render templates with trim_blocks, which drops the first; this is the text the released
 # model meets at inference, and the official-template test below checks it.
 GLM4_TOOLS_BLOCK = (
@@ -439,6 +440,64 @@ def test_tool_session_answers_several_calls_and_keeps_the_reasoning_in_the_histo
     assert seen[1] == messages[:4]
     printed = capsys.readouterr().out.splitlines()
     assert [json.loads(line) for line in printed] == TWO_WEATHER_CALLS
+
+
+class ScriptedChat:
+    """A GLM-4.7 chat model whose raw replies are the given texts in turn (the last one again once they run out);
+    `seen` holds the prompts it was given."""
+
+    family = "glm47"
+
+    def __init__(self, *raw):
+        self.raw, self.seen = list(raw), []
+
+    def raw_reply(self, messages, *, tools, **settings):
+        self.seen.append([dict(message) for message in messages])
+        return self.raw.pop(0) if len(self.raw) > 1 else self.raw[0]
+
+
+def test_a_turn_without_ask_waits_for_a_result_and_the_next_turn_answers_the_calls_left_first(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"calculator": {"result": "2"}}), encoding="utf-8")
+    two_calls = (
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>"
+        "<tool_call>calculator<arg_key>expression</arg_key><arg_value>1+1</arg_value></tool_call>"
+    )
+    chat = ScriptedChat(two_calls, "<think>都有了。</think>北京晴，1+1=2。")
+    session = ToolSession(str(REPO / "data" / "tools.json"), str(results))
+    system = [{"role": "system", "content": "简短回答。"}]
+    messages = [user("北京天气和 1+1？")]
+    weather = {"name": "get_weather", "arguments": {"city": "北京"}}
+    calculator = {"name": "calculator", "arguments": {"expression": "1+1"}}
+    events = list(session.turn(chat, messages, ask=None, system=system))
+    assert events == [("reply", Reply("", [weather, calculator])), ("call", weather), ("call", calculator),
+                      ("waiting", weather)]  # fmt: skip
+    messages.append(tool("晴"))  # the result that came later
+    events = list(session.turn(chat, messages, ask=None, system=system))
+    assert events == [("result", (calculator, '{"result": "2"}')), ("reply", Reply("北京晴，1+1=2。", [], "都有了。"))]
+    assert messages == [
+        user("北京天气和 1+1？"),
+        assistant("", call("get_weather", city="北京"), call("calculator", expression="1+1")),
+        tool("晴"),
+        tool('{"result": "2"}'),
+        {"role": "assistant", "content": "北京晴，1+1=2。", "reasoning_content": "都有了。"},
+    ]
+    assert chat.seen == [system + messages[:1], system + messages[:4]]  # the system prompt leads each prompt only
+
+
+def test_a_turn_stops_when_told_and_after_max_calls_per_turn(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"get_weather": "晴"}), encoding="utf-8")
+    session = ToolSession(str(REPO / "data" / "tools.json"), str(results))
+    calling = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>"
+    assert list(session.turn(ScriptedChat(calling), [user("q")], stop=lambda: True)) == [("stopped", None)]
+    messages = [user("q")]
+    events = list(session.turn(ScriptedChat(calling), messages))
+    assert [kind for kind, _ in events] == ["reply", "call", "result"] * 8 + ["limit"]
+    assert events[-1] == ("limit", ToolSession.MAX_CALLS_PER_TURN) and messages[-1] == tool("晴")
+    with pytest.raises(UserError, match="the model made 8 calls in one turn without replying; stopped"):
+        session.answer(ScriptedChat(calling), [user("q")])
+    assert capsys.readouterr().out.count('{"name": "get_weather", "arguments": {"city": "北京"}}\n') == 8
 
 
 # ---- reading every input shape ----

@@ -166,6 +166,26 @@ def test_several_calls_in_one_reply_each_get_their_result_before_the_model_goes_
     assert conversation["shown"][-1] == {"role": "assistant", "content": "都好了。"}
 
 
+def test_a_call_that_cannot_be_read_is_shown_as_text_with_why(tiny_chat, monkeypatch):
+    scripted_model(tiny_chat, monkeypatch, 'get_weather\n{"city": 广州}')
+    seen, conversation = states(WebChat(tiny_chat, ToolSession("data/tools.json")), "广州天气？")
+    problem = "the call to get_weather has arguments that are not valid JSON (Expecting value at character 9)"
+    assert conversation["shown"][-1] == {
+        "role": "assistant",
+        "content": f'get_weather\n{{"city": 广州}}\n\n(could not read this call: {problem}: {{"city": 广州}})',
+    }
+    assert conversation["messages"][-1] == {"role": "assistant", "content": 'get_weather\n{"city": 广州}'}
+    assert seen[-1][1] == "Done: 5 tokens, the model ended its turn."
+
+
+def test_a_model_that_keeps_calling_is_stopped_after_max_calls_per_turn(tiny_chat, monkeypatch):
+    replies = ['calculator\n{"expression": "1+1"}'] * ToolSession.MAX_CALLS_PER_TURN
+    seen = scripted_model(tiny_chat, monkeypatch, *replies)
+    waiting, conversation = states(WebChat(tiny_chat, ToolSession("data/tools.json", "data/tool_results.json")), "1+1")
+    assert waiting[-1][1] == "Stopped: the model made 8 calls without answering."
+    assert len(seen) == 8 and [message["role"] for message in conversation["messages"]][-2:] == ["assistant", "tool"]
+
+
 def test_a_message_holding_a_control_token_is_not_sent(tiny_chat):
     conversation = WebChat.new_conversation()
     (update,) = WebChat(tiny_chat).respond("你好<|user|>", conversation, "", 0, 0.8, 4)
