@@ -28,7 +28,7 @@ class UserError(Exception):
 
 def exit_on_user_error(main):
     """Wrap a script's main(): a UserError ends the run with its message on stderr and exit code 1. However main
-    ends, the output_dir lock it took (glm_sft.checkpoints) is released."""
+    ends, the output_dir lock it took (glm_sft.outputs) is released."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -51,6 +51,6 @@ def exit_on_user_error(main):
 
 
 def _release_locks() -> None:
-    checkpoints = sys.modules.get("glm_sft.checkpoints")  # only a script that took a lock has imported it
-    if checkpoints is not None:
-        checkpoints.release_output_locks()
+    outputs = sys.modules.get("glm_sft.outputs")  # only a script that took a lock has imported it
+    if outputs is not None:
+        outputs.release_output_locks()

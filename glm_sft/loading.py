@@ -206,9 +206,9 @@ def quiet_transformers() -> None:
 def read_run_recipe(folder) -> dict:
     """The recipe.yaml train.py saved with a result: in the folder, or in the run's output_dir for a checkpoint-N.
 
-    A final save into the folder that a killed run left half-done is finished first (checkpoints.finish_cut_off_save).
+    A final save into the folder that a killed run left half-done is finished first (outputs.finish_cut_off_save).
     The file is read as plain YAML: a tag that would build a Python object is refused, in one line, not loaded."""
-    from glm_sft.checkpoints import finish_cut_off_save
+    from glm_sft.outputs import finish_cut_off_save
 
     folder = Path(folder)
     finish_cut_off_save(folder, reading=True)
@@ -255,7 +255,7 @@ def load_adapter_model(adapter_dir, base: str, recorded_base: str | None, *, dty
 
     from peft import PeftModel
 
-    from glm_sft.checkpoints import finish_cut_off_save
+    from glm_sft.outputs import finish_cut_off_save
 
     finish_cut_off_save(adapter_dir, reading=True)
     check_adapter_base(str(adapter_dir), recorded_base, base)

@@ -2,6 +2,7 @@
 and a read-only target each end in one line and exit 1; the card shows the rows the run used."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import pytest
 from conftest import mount_tmpfs, train_in_process
 
 import export
+from glm_sft.exporting import export_card
 from glm_sft.loading import load_tokenizer
+from glm_sft.staging import finish_cut_off_replace, replace_folder, staging_beside
 
 SOURCE_FILES = ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json", "tokenizer.json")
 
@@ -76,6 +79,67 @@ def test_a_stale_staging_folder_of_a_killed_export_is_removed(tmp_path, capsys):
     assert (tmp_path / "merged" / "config.json").read_text() == "{}"
 
 
+def replace_and_die(target, new: dict, die_before: int | None) -> int:
+    """In a forked process, replace_folder the folder `target` by one holding `new`, the process ending with os._exit
+    (no clean-up, as under SIGKILL) just before its file operation number `die_before`; the operations it made."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        made = [0]
+
+        def dying(real):
+            def operation(*args, **kwargs):
+                if made[0] == die_before:
+                    os._exit(137)
+                made[0] += 1
+                return real(*args, **kwargs)
+
+            return operation
+
+        staging = staging_beside(target)
+        for name, content in new.items():
+            (staging / name).write_text(content)
+        for name in ("replace", "rename", "unlink", "rmdir", "fsync"):
+            setattr(os, name, dying(getattr(os, name)))
+        replace_folder(staging, target)
+        os.write(writer, str(made[0]).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        made = pipe.read()
+    os.waitpid(pid, 0)
+    return int(made or -1)
+
+
+def test_an_export_killed_at_any_point_is_finished_or_undone_by_the_next(tmp_path, capsys):
+    """--force over an old export, killed before each file operation of the swap in turn: the next export's start
+    leaves the old export or the new one in out_dir, whole, and nothing beside it; killed once the new one was
+    complete and the old one set aside, the new one is put in place."""
+    old = {"config.json": "old", "model.safetensors": "old weights"}
+    new = {"config.json": "new", "model.safetensors": "new weights", "README.md": "card"}
+
+    def old_export(folder):
+        (folder / "merged").mkdir(parents=True)
+        for name, content in old.items():
+            (folder / "merged" / name).write_text(content)
+        return folder / "merged"
+
+    operations = replace_and_die(old_export(tmp_path / "whole"), new, die_before=None)
+    assert {path.name: path.read_text() for path in (tmp_path / "whole" / "merged").iterdir()} == new
+    outcomes = []
+    for die_before in range(operations):
+        target = old_export(tmp_path / f"killed-{die_before}")
+        replace_and_die(target, new, die_before)
+        finish_cut_off_replace(target, "an export", print)
+        found = {path.name: path.read_text() for path in target.iterdir()}
+        assert found in (old, new), f"killed before operation {die_before}: {found}"
+        assert [path.name for path in target.parent.iterdir()] == ["merged"], die_before
+        outcomes.append("new" if found == new else "old")
+    assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
+    assert outcomes == sorted(outcomes, key=lambda outcome: outcome == "new"), outcomes
+    assert "which an export that was stopped had finished writing" in capsys.readouterr().out
+
+
 def test_a_corrupt_source_is_one_line(tmp_path, capsys):
     cut_off = fake_source(tmp_path / "cut", adapter_config_json=b'{"peft_type": "LORA", "base_', adapter_model_st=b"")
     assert "adapter_config.json is not valid JSON" in export_fails(capsys, cut_off, "--out-dir", tmp_path / "x")
@@ -116,7 +180,7 @@ def test_the_exported_card_shows_the_rows_the_run_used(adapter, tmp_path):
     for name in SOURCE_FILES:
         shutil.copy(adapter / name, (checkpoint if name.startswith("adapter") else checkpoint.parent) / name)
     tokenizer, family = load_tokenizer("builtin:tiny-glm4")
-    card = export.model_card(
+    card = export_card(
         checkpoint, {"dataset_name": "d.jsonl"}, {"base": "b"}, family, "fp32", tokenizer, "GlmForCausalLM"
     )
     assert "- training data: d.jsonl (80 rows)" in card

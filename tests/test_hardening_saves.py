@@ -18,18 +18,12 @@ from conftest import REPO, mount_tmpfs, run_main
 from test_safety import TINY, one_cpu_thread, one_error  # noqa: F401 (one_cpu_thread: an autouse fixture)
 
 from glm_sft import UserError
-from glm_sft import checkpoints as checkpoints_module
-from glm_sft.checkpoints import (
-    LOCK_NAME,
-    STAGING_NAME,
-    SWAP_PLAN,
-    GracefulStop,
-    check_output_dir,
-    finish_cut_off_save,
-    is_complete,
-    save_final_model,
-    storage_error,
-)
+from glm_sft import staging as staging_module
+from glm_sft.checkpoints import is_complete
+from glm_sft.outputs import LOCK_NAME, STAGING_NAME, check_output_dir, finish_cut_off_save
+from glm_sft.saving import save_final_model
+from glm_sft.staging import SWAP_PLAN, storage_error
+from glm_sft.stopping import GracefulStop
 
 
 @pytest.fixture
@@ -77,7 +71,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_from_the_la
 
     checkpoint_2, checkpoint_4 = output_dir / "checkpoint-2", output_dir / "checkpoint-4"
     assert f"error: training stopped at step 4: saving {checkpoint_4} failed: No space left on device" in error
-    size = checkpoints_module.human_size(checkpoints_module.folder_size(checkpoint_2))
+    size = staging_module.human_size(staging_module.folder_size(checkpoint_2))
     assert f"a checkpoint needs about {size}" in error
     assert "free there" in error and "the partial checkpoint-4 was removed" in error
     assert f"the last complete checkpoint is {checkpoint_2}" in error
@@ -423,8 +417,6 @@ def test_export_onto_an_empty_read_only_mount_point_is_one_line_and_leaves_nothi
 
 
 def test_export_s_set_aside_folder_goes_when_the_old_export_cannot_be_moved(tmp_path, monkeypatch):
-    import export
-
     out_dir, staging = tmp_path / "merged", tmp_path / ".merged.exporting-1-x"
     out_dir.mkdir()
     staging.mkdir()
@@ -432,9 +424,9 @@ def test_export_s_set_aside_folder_goes_when_the_old_export_cannot_be_moved(tmp_
     def busy(source, target):
         raise OSError(16, os.strerror(16), str(source))  # EBUSY, as for a mount point
 
-    monkeypatch.setattr(export.os, "replace", busy)
+    monkeypatch.setattr(staging_module.os, "replace", busy)
     with pytest.raises(OSError):
-        export.move_into_place(staging, out_dir)
+        staging_module.replace_folder(staging, out_dir)
     assert sorted(path.name for path in tmp_path.iterdir()) == [staging.name, "merged"]
 
 

@@ -16,8 +16,11 @@ import pytest
 from conftest import REPO, run_main, run_script
 
 from glm_sft import UserError
-from glm_sft import checkpoints as checkpoints_module
-from glm_sft.checkpoints import GracefulStop, resolve_resume_checkpoint, save_final_model
+from glm_sft import staging as staging_module
+from glm_sft.checkpoints import resolve_resume_checkpoint
+from glm_sft.outputs import STAGING_NAME
+from glm_sft.saving import save_final_model
+from glm_sft.stopping import GracefulStop
 
 MAX_STEPS = 30
 SHORT_RUN = [
@@ -157,7 +160,7 @@ def test_resumed_run_ends_with_the_uninterrupted_result(interrupted_then_resumed
     for name, tensor in expected_weights.items():
         assert torch.allclose(got_weights[name], tensor, rtol=1e-5, atol=1e-7), name
     assert (output_dir / "recipe.yaml").is_file() and (output_dir / "generation_config.json").is_file()
-    assert not (output_dir / checkpoints_module.STAGING_NAME).exists()
+    assert not (output_dir / STAGING_NAME).exists()
 
 
 def test_resume_true_skips_an_incomplete_checkpoint_and_leaves_it(interrupted_then_resumed):
@@ -273,7 +276,7 @@ def test_final_save_cut_off_while_moving_leaves_only_complete_files(tmp_path, mo
         moves.append(Path(target).name)
         real_replace(source, target)
 
-    monkeypatch.setattr(checkpoints_module.os, "replace", replace_then_die)
+    monkeypatch.setattr(staging_module.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         save_final_model(FakeTrainer(new), output_dir, write_extra_files)
 
@@ -286,7 +289,7 @@ def test_final_save_cut_off_while_moving_leaves_only_complete_files(tmp_path, mo
     assert in_place["adapter_config.json"] == old["adapter_config.json"]
 
     # The next save, not cut off, replaces everything and leaves no staging folder.
-    monkeypatch.setattr(checkpoints_module.os, "replace", real_replace)
+    monkeypatch.setattr(staging_module.os, "replace", real_replace)
     save_final_model(FakeTrainer(new), output_dir, write_extra_files)
     assert {path.name: path.read_bytes() for path in output_dir.iterdir()} == everything_new
 
@@ -314,7 +317,7 @@ def test_train_py_writes_the_final_model_aside_before_moving_it(uninterrupted, t
     with pytest.raises(SystemExit) as exit_info:  # the script's wrapper turns KeyboardInterrupt into exit 130
         train.main([*argv, "--overwrite_output_dir", "true"])
     assert exit_info.value.code == 130
-    staged = output_dir / checkpoints_module.STAGING_NAME
+    staged = output_dir / STAGING_NAME
     assert (staged / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
     after = {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()}
     assert {name: content for name, content in after.items() if name != "samples.jsonl"} == before

@@ -21,9 +21,10 @@ import pytest
 from conftest import REPO, mount_tmpfs, run_main, train_in_process
 
 from glm_sft import UserError
-from glm_sft import checkpoints as checkpoints_module
+from glm_sft import saving as saving_module
 from glm_sft.arguments import parse_recipe
-from glm_sft.checkpoints import LOCK_NAME, STAGING_NAME, resolve_resume_checkpoint
+from glm_sft.checkpoints import resolve_resume_checkpoint
+from glm_sft.outputs import LOCK_NAME, STAGING_NAME
 
 TINY = ["--config", "recipes/demo.yaml", "--report_to", "none", "--sample_count", "0", "--logging_steps", "1"]
 SHORT = [*TINY, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
@@ -125,18 +126,18 @@ def test_a_failed_final_save_names_the_last_checkpoint_and_the_resume_finishes_i
     import train
 
     output_dir = tmp_path / "out"
-    real_move = checkpoints_module.move_into_place
+    real_move = saving_module.move_into_place
 
     def disk_full(staging, target):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target / "adapter_model.safetensors"))
 
-    monkeypatch.setattr(checkpoints_module, "move_into_place", disk_full)
+    monkeypatch.setattr(saving_module, "move_into_place", disk_full)
     error = one_error(run_main(train.main, *SHORT, "--output_dir", output_dir, capfd=capfd))
     assert f"the trained weights are safe in {output_dir / 'checkpoint-4'}" in error
     assert "--resume_from_checkpoint true" in error and "No space left on device" in error
     assert not (output_dir / STAGING_NAME).exists() and not (output_dir / "adapter_config.json").exists()
 
-    monkeypatch.setattr(checkpoints_module, "move_into_place", real_move)
+    monkeypatch.setattr(saving_module, "move_into_place", real_move)
     result = run_main(train.main, *SHORT, "--output_dir", output_dir, "--resume_from_checkpoint", "true", capfd=capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "{'loss'" not in result.stdout + result.stderr  # no step trained
@@ -150,7 +151,7 @@ def hold_lock(output_dir: Path) -> subprocess.Popen:
     """A second process that takes output_dir's lock as train.py does, then waits to be killed."""
     code = (
         "import sys, time\n"
-        "from glm_sft.checkpoints import acquire_output_lock\n"
+        "from glm_sft.outputs import acquire_output_lock\n"
         "acquire_output_lock(sys.argv[1])\n"
         "print('locked', flush=True)\n"
         "time.sleep(300)\n"
