@@ -18,6 +18,8 @@ from conftest import REPO, chat_once, stop_process, trained_demo, trained_tools_
 
 import serve
 from glm_sft.inference import load_chat_model
+from glm_sft.serving.requests import canonical_messages
+from glm_sft.serving.worker import ReplyText
 
 QUESTION = "你是谁？"
 TOOLS = json.loads((REPO / "data" / "tools.json").read_text(encoding="utf-8"))
@@ -117,7 +119,7 @@ def test_streamed_text_holds_back_what_may_start_a_stop_string(split):
     trailing whitespace, as the non-streamed reply is."""
     text = "答案是 4。 \nUser: 还有吗"
     for stops, expected in ((["User:"], "答案是 4。"), (["4", "User:"], "答案是"), (["nothing"], text.rstrip())):
-        reply = serve.ReplyText(stops)
+        reply = ReplyText(stops)
         pieces = [text[start : start + split] for start in range(0, len(text), split)]
         joined = "".join(reply.feed(piece) for piece in pieces) + reply.finish()
         assert joined == expected, (stops, split)
@@ -260,7 +262,7 @@ def test_openai_tool_messages_become_canonical_rows_with_results_in_call_order()
         {"role": "assistant", "content": "北京晴，3*4=12。"},
         user("谢谢"),
     ]  # fmt: skip
-    assert serve.canonical_messages(messages) == [
+    assert canonical_messages(messages) == [
         {"role": "system", "content": "你是助手。"},
         {"role": "user", "content": "北京天气和 3*4？"},
         {"role": "assistant", "content": "", "tool_calls": [
@@ -340,9 +342,9 @@ def test_xml_tool_calls_come_back_as_several_tool_calls_with_the_reasoning(think
 
 def test_assistant_history_keeps_its_reasoning_content():
     messages = [user("3+4?"), {"role": "assistant", "content": "7", "reasoning_content": "3+4=7"}, user("再加 1？")]
-    assert serve.canonical_messages(messages)[1] == {"role": "assistant", "content": "7", "reasoning_content": "3+4=7"}
+    assert canonical_messages(messages)[1] == {"role": "assistant", "content": "7", "reasoning_content": "3+4=7"}
     messages[1]["reasoning_content"] = None  # null: no reasoning, as OpenAI clients send it back
-    assert serve.canonical_messages(messages)[1] == {"role": "assistant", "content": "7"}
+    assert canonical_messages(messages)[1] == {"role": "assistant", "content": "7"}
 
 
 @pytest.mark.parametrize(

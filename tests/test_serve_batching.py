@@ -16,6 +16,7 @@ from test_serve import TOOLS, user
 
 import serve
 from glm_sft.inference import load_chat_model
+from glm_sft.serving.batching import BatchingWorker
 
 QUESTIONS = [
     "你好",
@@ -120,7 +121,7 @@ def greedy_bodies():
 @pytest.mark.parametrize("model", ["builtin:tiny-glm4", "builtin:tiny-glmz1"])  # GLM-Z1: reasoning apart
 def test_concurrent_greedy_requests_each_get_the_reply_they_get_alone(servers, model):
     server = servers(model)
-    assert isinstance(server.worker, serve.BatchingWorker) and server.worker.problem is None
+    assert isinstance(server.worker, BatchingWorker) and server.worker.problem is None
     bodies = greedy_bodies()
     server.worker.most_rows = 0
     alone = [server.ask(body) for body in bodies]

@@ -19,6 +19,7 @@ import pytest
 from test_serve import clients, post, tiny_chats, user  # noqa: F401
 
 import serve
+from glm_sft.serving.requests import parse_chat_request
 
 LIMIT = 64 * 1024  # --max_request_bytes of the apps below (the default is 4 MiB)
 SMALL = {"messages": [user("你好")], "temperature": 0, "max_tokens": 2}
@@ -239,7 +240,7 @@ def test_the_template_switches_are_still_taken(clients):  # noqa: F811
     response = post(clients["builtin:tiny-glm4"], {**SMALL, "chat_template_kwargs": switches})
     assert response.status_code == 200, response.text
     body = {**SMALL, "chat_template_kwargs": {**switches, "clear_thinking": None}}  # null: not given
-    taken = serve.parse_chat_request(body, temperature=0.8, top_p=0.8).template_kwargs
+    taken = parse_chat_request(body, temperature=0.8, top_p=0.8).template_kwargs
     assert taken == {"enable_thinking": False, "reasoning_effort": "high"}
 
 
