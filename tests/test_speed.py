@@ -176,3 +176,154 @@ def test_liger_is_refused_where_it_has_no_kernels_for_the_model(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patches)
     with pytest.raises(UserError, match="Liger has no kernels for model type glm \\(GlmForCausalLM\\)"):
         build_run(argv)
+
+
+def lora_grads(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def test_lean_lm_head_matches_trls_fused_head_and_its_gradients(demo_trainer, monkeypatch):
+    """The trained-position loss gives TRL's loss, log-probabilities, entropy, top-1 flags and LoRA gradients, with
+    the softmax saved and, in small tiles, recomputed in the backward."""
+    trainer, report = demo_trainer
+    assert "LM head on the CPU: trained positions only, one softmax pass per tile" in report
+    base = trainer.model.get_base_model()
+    assert base.forward.__func__.lean
+    batch = trainer.data_collator(rows_of(trainer))
+
+    def run(forward):
+        trainer.model.zero_grad()
+        outputs = forward(**batch, fused_lm_head=True)
+        outputs.loss.backward()
+        return outputs, lora_grads(trainer.model)
+
+    reference, reference_grads = run(base.forward.__func__.fallback)
+    assert reference_grads and all("lora_" in name for name in reference_grads)
+    for save, tile in ((speed.SAVE_ELEMENTS, speed.TILE_ELEMENTS), (0, 7 * base.config.vocab_size)):
+        monkeypatch.setattr(speed, "SAVE_ELEMENTS", save)
+        monkeypatch.setattr(speed, "TILE_ELEMENTS", tile)
+        ours, grads = run(base.forward)
+        torch.testing.assert_close(ours.loss, reference.loss, atol=1e-6, rtol=1e-6)
+        for key in ("log_probs", "entropy"):
+            torch.testing.assert_close(getattr(ours, key), getattr(reference, key), atol=1e-5, rtol=1e-5)
+        assert torch.equal(ours.is_top1, reference.is_top1) and torch.equal(ours.label_mask, reference.label_mask)
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4)
+    trainer.model.zero_grad()
+
+
+def test_trained_log_probs_and_head_gradient_match_log_softmax():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[0] = int((hidden[0] @ weight.t()).argmax())
+    log_probs, entropy, top1 = speed.trained_log_probs(hidden, weight, targets)
+    reference = torch.log_softmax(hidden @ weight.t(), dim=-1)
+    torch.testing.assert_close(log_probs, reference.gather(-1, targets[:, None]).squeeze(-1).float())
+    torch.testing.assert_close(entropy, -(reference.exp() * reference).sum(-1).float())
+    assert torch.equal(top1, reference.argmax(-1) == targets) and top1[0]
+    nothing = speed.trained_log_probs(hidden[:0], weight, targets[:0])  # a batch without trained positions
+    assert [value.shape for value in nothing] == [(0,)] * 3
+    nothing[0].sum().backward()
+    assert hidden.grad.abs().sum() == 0
+    hidden.grad = weight.grad = None
+    weights = torch.rand(37, dtype=torch.float64)
+    ours = torch.autograd.grad((log_probs * weights).sum(), (hidden, weight))
+    expected = torch.autograd.grad(
+        (reference.gather(-1, targets[:, None]).squeeze(-1) * weights).sum(), (hidden, weight)
+    )
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want.float().to(got.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_mask_keeps_each_entry_with_probability_one_minus_p():
+    torch.manual_seed(0)
+    mask, keep = speed.dropout_mask(torch.zeros(400, 500), 0.1)
+    assert keep == 1 - round(0.1 * 2**32) / 2**32 and abs(keep - 0.9) < 1e-9
+    assert mask.dtype == torch.bool and mask.shape == (400, 500)
+    assert abs(mask.float().mean().item() - 0.9) < 0.003  # 200,000 draws: the standard error is 0.0007
+    assert speed.dropout_mask(torch.zeros(8), 0.0)[0].all()
+
+
+def test_lean_lora_forward_is_peft_lora_with_the_scale_on_the_rank_side(demo_trainer):
+    """Dropout off: PEFT's forward; dropout on: base(x) + B(A(x * mask)) * scaling / keep with the mask drawn from the
+    same random state."""
+    from peft.tuners.lora.layer import Linear
+
+    trainer, report = demo_trainer
+    assert any(line.startswith("LoRA: lean forward on ") for line in report)
+    layer = next(module for module in trainer.model.modules() if isinstance(module, Linear))
+    assert type(layer).forward is speed._lean_lora_forward
+    x = torch.randn(1, 5, layer.in_features)
+    original = layer.lora_dropout["default"]  # the demo recipe has none
+    weight_b = layer.lora_B["default"].weight
+    saved_b = weight_b.detach().clone()
+    with torch.no_grad():
+        try:
+            weight_b.normal_()  # B starts at zero, which would hide the LoRA term
+            torch.testing.assert_close(layer(x), Linear.forward(layer, x), atol=1e-6, rtol=1e-6)
+            layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+            layer.train()
+            torch.manual_seed(3)
+            ours = layer(x)
+            after = torch.get_rng_state()
+            torch.manual_seed(3)  # as checkpointing's recomputation does: the same state, the same mask, not redrawn
+            again = layer(x)
+            assert torch.equal(torch.get_rng_state(), after)
+            different = layer(x)  # another state: another mask
+            torch.manual_seed(3)
+            mask, keep = speed.dropout_mask(x, 0.1)
+            lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+            expected = layer.base_layer(x) + lora_b(lora_a(x * mask)) * layer.scaling["default"] / keep
+        finally:
+            layer.eval()
+            layer.lora_dropout["default"] = original
+            weight_b.copy_(saved_b)
+    assert torch.equal(again, ours) and not torch.equal(different, ours)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_checkpointed_lora_dropout_gives_the_gradients_of_the_plain_run(demo_trainer, monkeypatch):
+    """Recomputation under gradient checkpointing takes the mask of the first run: the gradients are those of a run
+    without checkpointing from the same seed, and the random stream ends where it does."""
+    from peft.tuners.lora.layer import Linear
+    from torch.utils.checkpoint import checkpoint
+
+    trainer, _ = demo_trainer
+    layer = next(module for module in trainer.model.modules() if isinstance(module, Linear))
+    original = layer.lora_dropout["default"]
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    layer.train()
+    weight_b = layer.lora_B["default"].weight
+    saved_b = weight_b.detach().clone()
+    with torch.no_grad():
+        weight_b.normal_()  # B starts at zero, which would leave A without a gradient
+    x = torch.randn(2, 7, layer.in_features, requires_grad=True)
+    draws = []
+    draw = speed.dropout_mask
+    monkeypatch.setattr(speed, "dropout_mask", lambda *args: draws.append(1) or draw(*args))
+    results = []
+    try:
+        for checkpointed in (False, True):
+            layer._last_dropout_mask = None
+            draws.clear()
+            torch.manual_seed(5)
+            out = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+            out.pow(2).sum().backward()
+            grads = [x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+            results.append(([grad.clone() for grad in grads], torch.get_rng_state()))
+            assert len(draws) == 1  # checkpointed: the recomputation took the first run's mask
+            trainer.model.zero_grad()
+            x.grad = None
+    finally:
+        layer.eval()
+        layer.lora_dropout["default"] = original
+        with torch.no_grad():
+            weight_b.copy_(saved_b)
+    (plain, plain_state), (checkpointed, checkpointed_state) = results
+    assert torch.equal(plain_state, checkpointed_state)
+    for got, want in zip(checkpointed, plain, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert plain[1].abs().sum() > 0
