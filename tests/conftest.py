@@ -1,8 +1,12 @@
 """Shared fixtures: offline mode, a private cache for the built-in models, the tiny tokenizers, a script runner.
 
 Tiers: `python -m pytest -q` runs the fast tier (in-process, no training run in a subprocess); the full suite,
-which CI runs, is `python -m pytest -q -m "slow or not slow"`. A test is slow when it is marked so or uses one of
-the fixtures below that train a model as a user would (SLOW_FIXTURES).
+which CI runs, is `python -m pytest -q -m "slow or not slow"`. A test is slow when it is marked so or uses a fixture
+that trains a model (found from the fixture's code: it calls a helper marked @trains or runs train.py, itself or
+through a function of the test modules). train_in_process refuses to run for a test outside the slow tier.
+
+SwanLab's settings come from the tests, never from the environment: every SWANLAB_* variable is dropped and
+SWANLAB_MODE is "disabled" (tests/test_tracking.py and tests/test_hardening_tracking.py set their own).
 """
 
 import json
@@ -18,29 +22,75 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("GLM_SFT_CACHE", str(REPO / ".pytest_cache" / "glm_sft"))
-# Recipes report to SwanLab; tests leave it off (and unimported) unless they test it (tests/test_tracking.py).
-os.environ.setdefault("SWANLAB_MODE", "disabled")
+# Recipes report to SwanLab; tests leave it off (and unimported) unless they test it, whatever the user's shell holds.
+for _name in [name for name in os.environ if name.startswith("SWANLAB_")]:
+    del os.environ[_name]
+os.environ["SWANLAB_MODE"] = "disabled"
 sys.path.insert(0, str(REPO))
 
-# Fixtures that train a model in a subprocess (module-scoped: shared by the tests of their module).
-SLOW_FIXTURES = {
-    "demo_run",
-    "demo_evaluation",
-    "method_run",
-    "tool_run",
-    "tracked_run",
-    "runs",
-    "lora_export",
-    "full_run",
-    "uninterrupted",
-    "interrupted_then_resumed",
-}
+TRAINING_HELPERS: set[str] = set()  # the names of the helpers marked @trains
+
+
+def trains(helper):
+    """Marks a helper that trains a model: a fixture that calls it puts its tests in the slow tier."""
+    TRAINING_HELPERS.add(helper.__name__)
+    return helper
+
+
+def _code_trains(code, namespace: dict, seen: set) -> bool:
+    """Whether this code, or a test-module function it names, calls a @trains helper or runs train.py."""
+    if code in seen:
+        return False
+    seen.add(code)
+    if "train.py" in code.co_consts or TRAINING_HELPERS & set(code.co_names):
+        return True
+    for constant in code.co_consts:  # nested functions, comprehensions
+        if hasattr(constant, "co_consts") and _code_trains(constant, namespace, seen):
+            return True
+    for name in code.co_names:
+        function = namespace.get(name)
+        inner = getattr(function, "__code__", None)
+        if inner is not None and inner.co_filename.startswith(str(REPO / "tests")):
+            if _code_trains(inner, function.__globals__, seen):
+                return True
+    return False
+
+
+def fixture_trains(fixturedef) -> bool:
+    function = getattr(fixturedef.func, "__wrapped__", fixturedef.func)
+    code = getattr(function, "__code__", None)
+    return code is not None and _code_trains(code, function.__globals__, set())
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info else ()
+        if any(fixture_trains(fixturedef) for chain in definitions for fixturedef in chain):
             item.add_marker(pytest.mark.slow)
+
+
+_running: list = [None]  # the test item being set up, run or torn down
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item
+    try:
+        return (yield)
+    finally:
+        _running[0] = None
+
+
+def refuse_in_fast_tier(what: str) -> None:
+    """A test outside the slow tier that gets here trains a model: fail it, naming the fix."""
+    item = _running[0]
+    if item is not None and item.get_closest_marker("slow") is None:
+        pytest.fail(
+            f"{item.nodeid} trains a model ({what}) but is in the fast tier: mark it @pytest.mark.slow, or train in a "
+            "fixture that calls a @trains helper (tests/conftest.py)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +146,7 @@ def run_main(main, *args, capfd):
 _demo_runs = {}
 
 
+@trains
 def trained_demo(tmp_path_factory, model_name: str = "builtin:tiny-glm4"):
     """(output_dir, CompletedProcess) of the demo recipe, trained once per model in a session, in this process
     (train_in_process; tests/test_first_hour.py runs train.py in a new interpreter, as a user does)."""
@@ -106,6 +157,7 @@ def trained_demo(tmp_path_factory, model_name: str = "builtin:tiny-glm4"):
     return _demo_runs[model_name]
 
 
+@trains
 def trained_tools_demo(tmp_path_factory):
     """output_dir of recipes/demo_tools.yaml (the tiny GLM-4 model learns its tool calls), trained once in a session,
     in this process (tests/test_tools.py and tests/test_serve.py share it)."""
@@ -184,6 +236,7 @@ def stop_process(process, log=None) -> None:
         log.close()
 
 
+@trains
 def train_in_process(*argv) -> subprocess.CompletedProcess:
     """train.main(argv) in this process, from the repository, on one CPU thread (module fixtures share its result),
     as `python train.py ARGV` would run it but without a new interpreter; the run must finish. Returns what it printed
@@ -193,6 +246,7 @@ def train_in_process(*argv) -> subprocess.CompletedProcess:
 
     import train
 
+    refuse_in_fast_tier("train_in_process " + " ".join(map(str, argv)))
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         patch.setenv("OMP_NUM_THREADS", "1")

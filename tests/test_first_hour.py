@@ -115,6 +115,7 @@ def test_batch_of_one_row_trains_padded_and_trl_does_not_warn(tmp_path, caplog):
     assert "batch size of 1" not in caplog.text
 
 
+@pytest.mark.slow  # a training run in a subprocess
 def test_a_run_prints_none_of_the_known_noise(tmp_path):
     """As a user runs a GPU recipe on the tiny model: no PEFT builtin-config lookup, gradient-checkpointing rename,
     pin_memory or TRL batch-size warning, no DeepSpeed accelerator line."""

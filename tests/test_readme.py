@@ -1,16 +1,23 @@
-"""The README's data-format examples load as documented."""
+"""The data examples of the docs pages load as documented, in English and in Chinese alike."""
 
 import json
 import re
 
+import pytest
 from conftest import REPO
 
 from glm_sft.data import read_conversations
 
+# The pages holding data examples, in the order the checks below read them.
+EXAMPLE_PAGES = ["data", "tools", "reasoning"]
 
-def test_every_data_format_example_in_the_readme_loads(tmp_path):
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    examples = re.findall(r"```json\n(.*?)\n```", readme, flags=re.S)
+
+def json_examples(page: str) -> list[str]:
+    return re.findall(r"```json\n(.*?)\n```", (REPO / "docs" / page).read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_every_data_format_example_in_the_docs_loads(tmp_path):
+    examples = [example for page in EXAMPLE_PAGES for example in json_examples(f"{page}.md")]
     assert len(examples) == 11  # five plain formats, one tool-calling conversation in four shapes, reasoning in two
     firsts = []
     for index, example in enumerate(examples):
@@ -34,3 +41,8 @@ def test_every_data_format_example_in_the_readme_loads(tmp_path):
     }
     alpaca = firsts[1]["messages"]
     assert alpaca[-2]["content"] == "把这句话翻译成英文\n\n今天天气很好" and alpaca[0]["content"] == "你好"
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
+def test_the_chinese_pages_show_the_same_examples(page):
+    assert json_examples(f"{page}_zh.md") == json_examples(f"{page}.md")

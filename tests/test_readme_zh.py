@@ -1,8 +1,12 @@
-"""README_zh.md stays in step with README.md: the same shell commands in the same order, the same sections."""
+"""README_zh.md stays in step with README.md, and each docs page's Chinese twin (docs/X_zh.md) with docs/X.md: the same
+shell commands in the same order, the same sections. Their links lead to files that exist, and the README's test
+command is the one CI runs."""
 
 import difflib
 import re
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -86,10 +90,18 @@ def level2_headings(path):
 def first_difference(english, chinese):
     for number, (a, b) in enumerate(zip(english, chinese, strict=False), start=1):
         if a != b:
-            return f"command {number} differs:\n  README.md:    {a}\n  README_zh.md: {b}"
-    longer, name = (english, "README.md") if len(english) > len(chinese) else (chinese, "README_zh.md")
+            return f"command {number} differs:\n  English: {a}\n  Chinese: {b}"
+    longer, name = (english, "the English page") if len(english) > len(chinese) else (chinese, "the Chinese page")
     shorter = min(len(english), len(chinese))
     return f"command {shorter + 1} is only in {name}: {longer[shorter]}"
+
+
+# README.md and README_zh.md, then every docs page that has a Chinese twin.
+PAIRS = [(README, README_ZH)] + [
+    (twin.with_name(twin.name.replace("_zh.md", ".md")), twin) for twin in sorted((REPO / "docs").glob("*_zh.md"))
+]
+PAIR_IDS = [english.relative_to(REPO).as_posix() for english, _ in PAIRS]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def test_readme_extraction_finds_the_commands():
@@ -98,17 +110,38 @@ def test_readme_extraction_finds_the_commands():
     assert "pip install -r requirements.txt" in english and "python -m pytest -q" in english
 
 
-def test_both_readmes_have_the_same_commands_in_the_same_order():
-    english, chinese = commands(README), commands(README_ZH)
-    assert len(english) >= 5, f"only {len(english)} commands found in README.md; is the extraction broken?"
-    diff = "\n".join(difflib.unified_diff(english, chinese, "README.md", "README_zh.md", lineterm=""))
-    assert english == chinese, f"{first_difference(english, chinese)}\n\n{diff}"
+def test_the_readme_test_command_is_what_ci_runs():
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    suite = [line for line in ci if line.startswith("python -m pytest")]
+    assert suite == ['python -m pytest -q -m "slow or not slow"'] and suite[0] in commands(README)
 
 
-def test_both_readmes_have_the_same_number_of_sections():
-    english, chinese = level2_headings(README), level2_headings(README_ZH)
-    assert len(english) >= 5, f"only {len(english)} '## ' headings found in README.md"
-    assert len(english) == len(chinese), (
-        f"README.md has {len(english)} '## ' headings, README_zh.md has {len(chinese)}:\n"
-        f"  README.md:    {english}\n  README_zh.md: {chinese}"
+def test_every_docs_page_but_serving_and_benchmarks_has_a_chinese_twin():
+    pages = {path.name for path in (REPO / "docs").glob("*.md")}
+    english = {name for name in pages if not name.endswith("_zh.md")}
+    missing = sorted(name for name in english - {"serving.md", "benchmarks.md"} if name[:-3] + "_zh.md" not in pages)
+    assert len(PAIRS) >= 8 and missing == []
+
+
+@pytest.mark.parametrize("english, chinese", PAIRS, ids=PAIR_IDS)
+def test_both_languages_have_the_same_commands_in_the_same_order(english, chinese):
+    english_commands, chinese_commands = commands(english), commands(chinese)
+    diff = "\n".join(difflib.unified_diff(english_commands, chinese_commands, english.name, chinese.name, lineterm=""))
+    assert english_commands == chinese_commands, f"{first_difference(english_commands, chinese_commands)}\n\n{diff}"
+
+
+@pytest.mark.parametrize("english, chinese", PAIRS, ids=PAIR_IDS)
+def test_both_languages_have_the_same_number_of_sections(english, chinese):
+    english_headings, chinese_headings = level2_headings(english), level2_headings(chinese)
+    assert len(english_headings) == len(chinese_headings), (
+        f"{english.name} has {len(english_headings)} '## ' headings, {chinese.name} has {len(chinese_headings)}:\n"
+        f"  {english.name}: {english_headings}\n  {chinese.name}: {chinese_headings}"
     )
+
+
+@pytest.mark.parametrize("page", [README, README_ZH, *sorted((REPO / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_relative_links_lead_to_files_that_exist(page):
+    text = page.read_text(encoding="utf-8")
+    targets = [target.split("#")[0] for target in LINK.findall(text) if "://" not in target]
+    missing = [target for target in targets if target and not (page.parent / target).exists()]
+    assert missing == [], f"{page.name} links to files that do not exist: {missing}"

@@ -1,6 +1,7 @@
 """Every recipe parses, and the GPU recipes run on the tiny model of their family."""
 
 import pytest
+import yaml
 from conftest import REPO, assert_serves_the_trained_weights
 
 from glm_sft.arguments import parse_recipe
@@ -32,11 +33,15 @@ def test_recipe_parses_and_opens_with_its_instructions(recipe):
 
 
 def test_command_line_overrides_the_recipe():
-    recipe = parse_recipe(
-        ["--config", "recipes/glm4_lora.yaml", "--learning_rate", "1e-4", "--lora_rank", "4", "--bf16", "false"]
-    )
-    assert recipe.training.learning_rate == 1e-4 and recipe.model.lora_rank == 4
-    assert recipe.given[-2:] == ["learning_rate", "lora_rank"] or "bf16" in recipe.given  # the keys the user set
+    argv = ["--config", "recipes/glm4_lora.yaml", "--learning_rate", "1e-4", "--lora_rank", "4", "--bf16", "false"]
+    recipe = parse_recipe(argv)
+    assert recipe.training.learning_rate == 1e-4 and recipe.model.lora_rank == 4 and recipe.training.bf16 is False
+    # The keys the user set: the recipe file's, in its order (these overrides among them), then any the command line
+    # adds; nothing else (padding_free is left to the run).
+    file_keys = list(yaml.safe_load((REPO / "recipes" / "glm4_lora.yaml").read_text(encoding="utf-8")))
+    assert {"learning_rate", "lora_rank", "bf16"} <= set(file_keys) and "max_samples" not in file_keys
+    assert recipe.given == file_keys
+    assert parse_recipe([*argv, "--max_samples", "10"]).given == [*file_keys, "max_samples"]
     assert recipe.resolved()["lora_rank"] == 4 and "padding_free" not in recipe.resolved()
 
 

@@ -13,7 +13,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "2+2 equals 4."},
 ]
 
-# What the formats look like (DESIGN.md, "The chat formats"), written out by hand.
+# What the formats look like, written out by hand.
 EXPECTED_TEXT = {
     "glm4": "[gMASK]<sop><|system|>\n你是一个乐于助人的助手。<|user|>\n你好<|assistant|>\n你好！有什么可以帮你？"
     "<|user|>\nWhat is 2+2?<|assistant|>\n2+2 equals 4.",
