@@ -212,18 +212,18 @@ def test_first_signal_stops_at_the_step_end_a_second_ctrl_c_aborts_and_handlers_
         control = TrainerControl()
         stop.on_step_end(args, state, control)
         assert not (control.should_save or control.should_training_stop)  # no signal yet: nothing happens
-        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C is only noted
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C is only noted
         stop.on_step_end(args, state, control)
         assert control.should_save and control.should_training_stop and stop.stopped_at_step == 5
         assert stop.exit_code == 130
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the second one aborts, as Ctrl-C always does
+            signal.raise_signal(signal.SIGINT)  # the second one aborts, as Ctrl-C always does
             time.sleep(1)  # not reached: the handler runs as soon as the signal arrives
     assert {number: signal.getsignal(number) for number in GracefulStop.SIGNALS} == before
 
     stop = GracefulStop(announce=False)
     with stop.catching_signals():
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
         state.global_step = state.max_steps  # the signal came during the last step: the run just finishes
         control = TrainerControl()
         stop.on_step_end(args, state, control)
