@@ -4,7 +4,8 @@ The same conversations go to both: the bundled alpaca, multi-turn and tool-calli
 data/multi_turn.jsonl, data/tool_calls.jsonl, read by our readers), repeated to --rows rows, each copy's first user
 message suffixed with its row number so no two rows are the same text. Each arm runs in a fresh Python process:
 
-  ours  tokenize_dataset (what train.py runs), then SFTTrainer on the tokenized rows, as build_run builds it
+  ours  tokenize_dataset (what train.py runs), then SFTTrainer on the tokenized rows with TRL's preparation skipped,
+        as build_run builds it
   trl   SFTTrainer(train_dataset=the conversations, SFTConfig(assistant_only_loss=True)): TRL's apply_chat_template
         with the assistant mask of the template's {% generation %} marks, then its labels; the template's
         close_final_turn switch is passed as TRL takes template switches (a chat_template_kwargs column), and tool
@@ -126,6 +127,7 @@ def run_worker(args, rows_count: int, num_proc: int, work: str) -> dict:
         dataset_num_proc=num_proc if num_proc > 1 else None,
         max_length=None,
         assistant_only_loss=args.worker == "trl",
+        dataset_kwargs={"skip_prepare_dataset": True} if args.worker == "ours" else None,
         dataloader_pin_memory=False,
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import yaml
@@ -146,6 +147,15 @@ class TrainingConfig(SFTConfig):
             "where the model and method allow it (see glm_sft/speed.py), else padded, length-grouped batches."
         },
     )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={
+            "help": "How a row longer than max_length is cut, in our tokenization (the only place that truncates): "
+            "keep_start (cut its end) or keep_end (drop its earliest rounds, keeping the system prompt and tools, so "
+            "that the last turns fit).",
+            "choices": ["keep_start", "keep_end"],
+        },
+    )
     kernels: bool = field(
         default=False,
         metadata={
@@ -186,6 +196,11 @@ class TrainingConfig(SFTConfig):
     predict_max_new_tokens: int = field(
         default=512, metadata={"help": "do_predict: longest reply, in tokens (batch: per_device_eval_batch_size)."}
     )
+
+    def __post_init__(self):
+        with warnings.catch_warnings():  # TRL deprecates its own keep_end; ours is glm_sft/tokenization.py's
+            warnings.filterwarnings("ignore", message=".*'keep_end'.* truncation mode", category=FutureWarning)
+            super().__post_init__()
 
 
 class RecipeParser(TrlParser):
@@ -321,6 +336,9 @@ def parse_recipe(
 
 def check_training_values(training) -> None:
     """Training keys whose value would train nothing or fail only after the model loads."""
+    from glm_sft.tokenization import check_truncation_mode
+
+    check_truncation_mode(training.truncation_mode)
     rate = training.learning_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
         raise UserError(

@@ -61,6 +61,7 @@ def main(argv=None):
         max_length=recipe.training.max_length,
         last_turn_only=recipe.data.last_turn_only,
         template_kwargs=switches or None,
+        truncation_mode=recipe.training.truncation_mode,
     )
     color = sys.stdout.isatty()
     for example in dataset.select(range(min(options.n, len(dataset)))):

@@ -13,19 +13,11 @@ from pathlib import Path
 from glm_sft import UserError, kernels, speed, tracking
 from glm_sft.arguments import Recipe
 from glm_sft.callbacks import SampleGeneration, sample_prompts
-from glm_sft.checkpoints import (
-    STATE_FILE,
-    GracefulStop,
-    acquire_output_lock,
-    check_output_dir,
-    checkpoint_step,
-    resolve_resume_checkpoint,
-    save_final_model,
-)
+from glm_sft.checkpoints import STATE_FILE, checkpoint_step, resolve_resume_checkpoint
 from glm_sft.data import read_datasets
 from glm_sft.distributed import check_launch, main_process_output
 from glm_sft.evaluation import predict_after_training
-from glm_sft.inference import RUN_FACTS, generation_config_for, switches_lines, switches_note
+from glm_sft.inference import RUN_FACTS, generation_config_for
 from glm_sft.loading import load_model, load_tokenizer, torch_dtype
 from glm_sft.methods import (
     build_peft_config,
@@ -36,6 +28,10 @@ from glm_sft.methods import (
     prepare_model,
     quantization_config,
 )
+from glm_sft.model_card import model_card, prompt_example
+from glm_sft.outputs import acquire_output_lock, check_output_dir
+from glm_sft.saving import save_final_model
+from glm_sft.stopping import GracefulStop
 from glm_sft.template import answering_switches, check_switches, reasoning_in, save_tokenizer
 from glm_sft.tokenization import reasoning_samples, tokenize_dataset
 
@@ -163,7 +159,7 @@ class Run:
             self.recipe.save(folder / "recipe.yaml")
             facts = self.facts()
             (folder / RUN_FACTS).write_text(json.dumps(facts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            (folder / "README.md").write_text(model_card(self, facts), encoding="utf-8")  # replaces PEFT's template
+            (folder / "README.md").write_text(run_card(self, facts), encoding="utf-8")  # replaces PEFT's template
 
         several = self.recipe.training.world_size > 1
         save_final_model(self.trainer, self.output_dir, write_extra_files, self.recipe.argv, several)
@@ -216,76 +212,27 @@ class Run:
         print(f"saved to {self.output_dir}; chat with: python chat_cli.py {flag} {self.output_dir}")
 
 
-def model_card(run: Run, facts: dict) -> str:
+def run_card(run: Run, facts: dict) -> str:
     """output_dir/README.md: what was trained on what, how it ended, and how to chat with it or export it."""
     model_args, data_args = run.recipe.model, run.recipe.data
-    adapter = model_args.finetuning_type not in ("full", "freeze")
-    flag = "--adapter" if adapter else "--model"
-
-    def loss(value):
-        return f"{value:.4f} (step {facts['global_step']})" if value is not None else "not recorded"
-
-    if data_args.eval_dataset_name:
-        evaluation = f"{data_args.eval_dataset_name} ({facts['eval_rows']} rows)"
-    elif facts["eval_rows"]:
-        evaluation = f"{facts['eval_rows']} rows held out of the training data (val_size {data_args.val_size})"
-    else:
-        evaluation = "none"
-    return "\n".join(
-        [
-            "# Fine-tuned GLM model",
-            "",
-            f"Trained by glm-sft's train.py ({'an adapter' if adapter else 'the whole model'}).",
-            "",
-            f"- base model: {model_args.model_name_or_path}",
-            f"- method: {model_args.finetuning_type}",
-            f"- chat format: {run.family}",
-            *switches_lines(facts),
-            f"- training data: {data_args.dataset_name} ({facts['train_rows']} rows, {facts['train_sequences']} "
-            "training sequences)",
-            f"- evaluation data: {evaluation}",
-            f"- steps: {facts['global_step']}",
-            f"- final train loss: {loss(facts['final_train_loss'])}",
-            f"- final eval loss: {loss(facts['final_eval_loss'])}",
-            "",
-            "The full recipe is in `recipe.yaml` (`python train.py --config recipe.yaml` repeats the run), the loss "
-            "history in `trainer_state.json`.",
-            "",
-            "## Usage",
-            "",
-            "```bash",
-            f"python chat_cli.py {flag} path/to/this/dir                       # chat in the terminal",
-            "python export.py path/to/this/dir --out_dir exported/my-model   # one plain transformers directory",
-            "```",
-            "",
-            *switches_note(facts),
-        ]
-    )
+    recipe = {
+        **run.recipe.resolved(),
+        "model_name_or_path": model_args.model_name_or_path,
+        "finetuning_type": model_args.finetuning_type,
+        "dataset_name": data_args.dataset_name,
+        "eval_dataset_name": data_args.eval_dataset_name,
+        "val_size": data_args.val_size,
+    }
+    return model_card(recipe, facts, run.family, prompt_example(run.trainer.processing_class))
 
 
 def build_run(recipe: Recipe, model=None) -> Run:
-    """Everything up to training. `model`: an already built model to train instead of loading model_name_or_path
-    (the benchmarks pass one)."""
+    """Everything up to training, in one pass: recipe -> data -> tokenizer and family -> model and method -> speed ->
+    trainer. `model`: an already built model to train instead of loading model_name_or_path (the benchmarks pass
+    one)."""
     model_args, data_args, training = recipe.model, recipe.data, recipe.training
-    check_method(model_args, training)
-    speed.check_batching(model_args, training)
-    check_launch(model_args, training)  # method vs. DeepSpeed config
-
-    # Every data problem and the output directory's are reported here, in one report, before the tokenizer or the
-    # model is loaded: a user who fixes one does not meet the other on the next try.
-    try:
-        check_output_dir(training.output_dir, training.overwrite_output_dir)
-        output_problem = None
-    except UserError as error:
-        output_problem = str(error)
-    with main_process_output(training):
-        try:
-            train_rows, eval_rows = read_datasets(data_args, seed=training.seed)
-        except UserError as error:
-            raise UserError(f"{error}\nerror: {output_problem}" if output_problem else str(error)) from None
-    if output_problem:
-        raise UserError(output_problem)
-    check_eval_data(training, eval_rows)
+    check_recipe(recipe)
+    train_rows, eval_rows = read_run_data(recipe)
     swanlab_mode = tracking.resolve_swanlab_mode(training.swanlab_mode, training)
     if training.process_index == 0:  # one run at a time per output_dir (created here); under a launch, the main's
         acquire_output_lock(training.output_dir)
@@ -297,14 +244,7 @@ def build_run(recipe: Recipe, model=None) -> Run:
     reasoning = reasoning_in(train_rows)
     answer_switches = answering_switches(family, switches, reasoning)
 
-    if model is None:
-        model = load_model(
-            model_args.model_name_or_path,
-            dtype=torch_dtype(model_args.dtype, model_args.finetuning_type, training.bf16),
-            trust_remote_code=training.trust_remote_code,
-            quantization=quantization_config(model_args),
-        )
-    notes = prepare_model(model, model_args, training)  # k-bit preparation (qlora), frozen layers (freeze), ZeRO-3
+    model, notes = method_model(recipe, model)
     choices = speed.configure(model, model_args, training) + notes  # padding-free or padded batches, attention
     choices.append(kernels.apply_kernels(model, training.kernels))  # before PEFT wraps the modules
     generation_config = generation_config_for(tokenizer, family)
@@ -325,6 +265,7 @@ def build_run(recipe: Recipe, model=None) -> Run:
     trainer.add_callback(
         SampleGeneration(trainer, samples, generation_config, training.sample_max_new_tokens, family, answer_switches)
     )
+    choices += speed.lean_training(trainer.model)  # lean LoRA forward and, on the CPU, trained-position loss
     fused = speed.fused_lm_head_applied(trainer.model)  # checked on the model, not taken on trust
     choices.append(
         "loss: TRL's fused LM head (trained positions only, no full logits)" if fused else "loss: full logits"
@@ -350,6 +291,36 @@ def build_run(recipe: Recipe, model=None) -> Run:
     )
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """The method, the batching and the launch (DeepSpeed config) agree; nothing is read or loaded yet."""
+    check_method(recipe.model, recipe.training)
+    speed.check_batching(recipe.model, recipe.training)
+    check_launch(recipe.model, recipe.training)
+
+
+def read_run_data(recipe: Recipe) -> tuple[list[dict], list[dict] | None]:
+    """(train rows, eval rows or None), read and checked.
+
+    Every data problem and the output directory's are reported here, in one report, before the tokenizer or the model
+    is loaded: a user who fixes one does not meet the other on the next try.
+    """
+    training = recipe.training
+    try:
+        check_output_dir(training.output_dir, training.overwrite_output_dir)
+        output_problem = None
+    except UserError as error:
+        output_problem = str(error)
+    with main_process_output(training):
+        try:
+            train_rows, eval_rows = read_datasets(recipe.data, seed=training.seed)
+        except UserError as error:
+            raise UserError(f"{error}\nerror: {output_problem}" if output_problem else str(error)) from None
+    if output_problem:
+        raise UserError(output_problem)
+    check_eval_data(training, eval_rows)
+    return train_rows, eval_rows
+
+
 def check_eval_data(training, eval_rows) -> None:
     if training.eval_strategy != "no" and not eval_rows:
         raise UserError(
@@ -364,34 +335,61 @@ def check_eval_data(training, eval_rows) -> None:
 
 def tokenized_datasets(recipe: Recipe, tokenizer, family: str, switches: dict, train_rows, eval_rows):
     """(train, eval or None) datasets of input_ids and labels, as the trainer gets them, rendered with the template
-    switches `switches`; rows with reasoning the template drops from history are split first
-    (tokenization.reasoning_samples)."""
-    last_turn_only = recipe.data.last_turn_only
+    switches `switches`, cut to max_length as truncation_mode says; rows with reasoning the template drops from
+    history are split first (tokenization.reasoning_samples). The trainer does not prepare them again
+    (trainer_arguments), so shuffle_dataset is applied here, as TRL's preparation would."""
+    training, last_turn_only = recipe.training, recipe.data.last_turn_only
     train_rows, eval_rows = (
         reasoning_samples(rows, family, last_turn_only, switches) if rows else rows for rows in (train_rows, eval_rows)
     )
     settings = dict(
         tokenizer=tokenizer,
-        max_length=recipe.training.max_length,
-        last_turn_only=recipe.data.last_turn_only,
-        num_proc=recipe.training.dataset_num_proc,
-        training_args=recipe.training,
+        max_length=training.max_length,
+        last_turn_only=last_turn_only,
+        num_proc=training.dataset_num_proc,
+        training_args=training,
         template_kwargs=switches or None,
+        truncation_mode=training.truncation_mode,
     )
-    return tuple(
-        tokenize_dataset(rows, name=name, **settings).select_columns(["input_ids", "labels"]) if rows else None
-        for name, rows in (("train", train_rows), ("eval", eval_rows))
-    )
+    datasets = []
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        dataset = (
+            tokenize_dataset(rows, name=name, **settings).select_columns(["input_ids", "labels"]) if rows else None
+        )
+        if dataset is not None and training.shuffle_dataset and not training.packing:
+            dataset = dataset.shuffle(seed=training.seed)
+        datasets.append(dataset)
+    return tuple(datasets)
+
+
+def method_model(recipe: Recipe, model=None):
+    """(the model to train, notes for the summary): loaded for its method unless given (quantized for qlora), then
+    prepared for it (k-bit preparation for qlora, frozen layers for freeze, ZeRO-3)."""
+    model_args, training = recipe.model, recipe.training
+    if model is None:
+        model = load_model(
+            model_args.model_name_or_path,
+            dtype=torch_dtype(model_args.dtype, model_args.finetuning_type, training.bf16),
+            trust_remote_code=training.trust_remote_code,
+            quantization=quantization_config(model_args),
+        )
+    return model, prepare_model(model, model_args, training)
 
 
 def trainer_arguments(training, swanlab_mode):
-    """The trainer's own copy of the training keys; the recipe's stay as the user gave them (recipe.yaml)."""
+    """The trainer's own copy of the training keys; the recipe's stay as the user gave them (recipe.yaml).
+
+    Our tokenization is the only place that truncates: TRL's dataset preparation (which would cut to max_length and
+    drop rows left without a trained token again) is skipped, except with packing, where it only packs the rows
+    (already cut; TRL does not truncate when it packs).
+    """
     arguments = copy.copy(training)
     if swanlab_mode == "disabled":  # SwanLab left out, so that it is not even imported
         arguments.report_to = [name for name in training.report_to if name != "swanlab"]
-    if training.padding_free and not training.packing:
-        # Rows are already cut to max_length by our tokenization; TRL wants none to enforce without packing.
-        arguments.max_length = None
+    if not training.packing:
+        arguments.dataset_kwargs = {**(training.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if training.padding_free:
+            arguments.max_length = None  # TRL refuses a max_length it would not enforce without packing
     if training.dataloader_pin_memory and training.device.type == "cpu":
         arguments.dataloader_pin_memory = False  # nothing to pin for: torch would warn at every epoch
     return arguments

@@ -23,6 +23,17 @@ ROWS_SHOWN = 3  # reports and errors name the first few rows (file:line), then h
 ENCODE_BATCH_ROWS = 1000  # rows whose text pieces go to the tokenizer in one batch
 
 
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+def check_truncation_mode(mode: str) -> None:
+    if mode not in TRUNCATION_MODES:
+        raise UserError(
+            f"truncation_mode {mode!r} is unknown; use keep_start (cut the end of a long row) or keep_end (drop its "
+            "earliest rounds, keeping the system prompt and tools)"
+        )
+
+
 def encode_conversation(
     tokenizer,
     messages: list[dict],
@@ -31,13 +42,18 @@ def encode_conversation(
     max_length: int | None = None,
     last_turn_only: bool = False,
     template_kwargs: dict | None = None,
+    truncation_mode: str = "keep_start",
 ) -> dict:
     """{"input_ids", "labels", "truncated", "length"} for one conversation (see the module's docstring for the labels);
     `length` counts the tokens before truncation.
 
     The final assistant turn is closed by its end token (`close_final_turn`). With `last_turn_only`, only the final
-    assistant turn is trained. Truncation to `max_length` keeps the start: a reply cut short is trained on the tokens
-    that remain, without its end token (the model is not taught to stop where the cut fell).
+    assistant turn is trained. Truncation to `max_length`:
+    - keep_start (the default) keeps the start: a reply cut short is trained on the tokens that remain, without its
+      end token (the model is not taught to stop where the cut fell);
+    - keep_end drops whole rounds (a user message and what follows it up to the next one) from the start, keeping the
+      system messages and the tools, until the rest fits; the conversation left is rendered and trained as if it were
+      the whole row. When even the last round does not fit, it is cut as keep_start cuts it.
     """
     return encode_conversations(
         tokenizer,
@@ -45,6 +61,7 @@ def encode_conversation(
         max_length=max_length,
         last_turn_only=last_turn_only,
         template_kwargs=template_kwargs,
+        truncation_mode=truncation_mode,
     )[0]
 
 
@@ -55,20 +72,52 @@ def encode_conversations(
     max_length: int | None = None,
     last_turn_only: bool = False,
     template_kwargs: dict | None = None,
+    truncation_mode: str = "keep_start",
 ) -> list[dict]:
     """encode_conversation for many (messages, tools) pairs at once: their text pieces go to the tokenizer in one
     batch (the tokenizers library encodes a batch on all cores)."""
+    check_truncation_mode(truncation_mode)
+    encoded = _encode_chats(tokenizer, conversations, template_kwargs=template_kwargs)
     results = []
-    for input_ids, mask in _encode_chats(tokenizer, conversations, template_kwargs=template_kwargs):
+    for (messages, tools), (input_ids, mask) in zip(conversations, encoded, strict=True):
+        length = len(input_ids)
+        truncated = max_length is not None and length > max_length
+        if truncated and truncation_mode == "keep_end":
+            rounds = _last_rounds(tokenizer, messages, tools, max_length, template_kwargs)
+            if rounds is not None:
+                input_ids, mask = rounds
         labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
         if last_turn_only:
             labels = _last_span_only(labels)
-        length = len(input_ids)
-        truncated = max_length is not None and length > max_length
         if truncated:
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         results.append({"input_ids": input_ids, "labels": labels, "truncated": truncated, "length": length})
     return results
+
+
+def _last_rounds(tokenizer, messages: list[dict], tools, max_length: int, template_kwargs):
+    """(ids, mask) of the leading system messages and the most last rounds that fit in max_length (the last round
+    alone when none fits); None when there is no earlier round to drop."""
+    head = next((index for index, message in enumerate(messages) if message["role"] != "system"), len(messages))
+    starts = [index for index in range(head + 1, len(messages)) if messages[index]["role"] == "user"]
+    if not starts:
+        return None
+
+    def encoded(start: int):
+        return _encode_chats(
+            tokenizer, [(messages[:head] + messages[start:], tools)], template_kwargs=template_kwargs
+        )[0]
+
+    # Fewer rounds, fewer tokens: the earliest start that fits, found by bisection over the round starts.
+    low, high, best = 0, len(starts) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = encoded(starts[middle])
+        if len(candidate[0]) <= max_length:
+            best, high = candidate, middle - 1
+        else:
+            low = middle + 1
+    return best or encoded(starts[-1])
 
 
 # Private-use characters around a control token's spelling in the data, so that it is told apart from the control
@@ -115,7 +164,7 @@ def _encode_chats(
 
     family = family_of_template(tokenizer.chat_template)  # e.g. GLM-4-0414 / GLM-Z1 read tool rows in the native form
     spellings = _control_spellings(tokenizer)
-    pattern = _control_pattern(spellings)
+    pattern, spelling = _control_pattern(spellings), _spelling_pattern(spellings)
     control_ids = _control_ids(tokenizer, spellings)
     switches = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
     layouts, texts = [], []  # per conversation: (its text pieces, its control tokens, its spans); all text pieces
@@ -124,10 +173,10 @@ def _encode_chats(
         messages = family_messages(
             [{key: value for key, value in message.items() if value is not None} for message in messages], family
         )
-        marked = _mark(messages, spellings)
+        marked = _mark(messages, spelling)
         rendered, spans = render_jinja_template(
             conversations=[marked],
-            tools=_mark(tools, spellings) if tools else None,
+            tools=_mark(tools, spelling) if tools else None,
             chat_template=tokenizer.chat_template,
             return_assistant_tokens_mask=True,
             add_generation_prompt=add_generation_prompt,
@@ -225,19 +274,20 @@ def _control_pattern(spellings: tuple[str, ...]) -> re.Pattern:
 
 @cache
 def _spelling_pattern(spellings: tuple[str, ...]) -> re.Pattern:
-    return re.compile("|".join(map(re.escape, spellings)))
+    return re.compile("|".join(map(re.escape, spellings)) or "(?!)")
 
 
-def _mark(value, spellings: tuple[str, ...]):
-    """`value` (messages, tools) with every control-token spelling in its strings and keys wrapped in the markers."""
+def _mark(value, spelling: re.Pattern):
+    """`value` (messages, tools) with every control-token spelling (`spelling`: _spelling_pattern) in its strings and
+    keys wrapped in the markers."""
     if isinstance(value, str):
-        if not any(spelling in value for spelling in spellings):
+        if spelling.search(value) is None:
             return value
-        return _spelling_pattern(spellings).sub(lambda match: _TEXT_START + match.group(0) + _TEXT_END, value)
+        return spelling.sub(lambda match: _TEXT_START + match.group(0) + _TEXT_END, value)
     if isinstance(value, dict):
-        return {_mark(key, spellings): _mark(item, spellings) for key, item in value.items()}
+        return {_mark(key, spelling): _mark(item, spelling) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_mark(item, spellings) for item in value]
+        return [_mark(item, spelling) for item in value]
     return value
 
 
@@ -279,97 +329,162 @@ def tokenize_dataset(
     num_proc: int | None = None,
     training_args=None,
     template_kwargs: dict | None = None,
+    truncation_mode: str = "keep_start",
 ):
     """A datasets.Dataset with input_ids, labels and source; rows left without a trained token are dropped.
 
-    One process (num_proc unset or 1, no launch): the rows are encoded in batches straight from memory (their text
-    pieces go to the tokenizer a batch at a time, which encodes them on all cores) and the dataset is built once from
-    the result. With num_proc > 1, datasets' map runs the same batches in num_proc processes.
+    Without a launch, the rows are encoded in batches straight from memory (the text pieces of a batch go to the
+    tokenizer at once, which encodes them on all cores), each batch becomes Arrow columns at once, and the dataset is
+    built once from them. With num_proc > 1 the batches are encoded in num_proc forked processes, which inherit the
+    rows (nothing is pickled to them) and send back each batch's Arrow columns.
 
     Under a launch with several processes (`training_args.world_size > 1`) the main process of each machine
-    tokenizes and writes the result to datasets' cache file under GLM_SFT_CACHE, named by a fingerprint of the rows,
-    the tokenizer and the settings; the other processes then load that file (`main_process_first`). Only the main
-    process prints the report.
+    tokenizes with datasets' map and writes the result to datasets' cache file under GLM_SFT_CACHE, named by a
+    fingerprint of the rows, the tokenizer and the settings; the other processes then load that file
+    (`main_process_first`). Only the main process prints the report.
     """
-    import contextlib
-
-    from datasets import Dataset, concatenate_datasets
-
+    check_truncation_mode(truncation_mode)
     settings = dict(max_length=max_length, last_turn_only=last_turn_only, template_kwargs=template_kwargs)
+    if truncation_mode != "keep_start":
+        settings["truncation_mode"] = truncation_mode
     launched = training_args is not None and training_args.world_size > 1
-    is_main = not launched or training_args.process_index == 0
-    if not launched and (num_proc or 1) <= 1:
-        # Each batch becomes Arrow columns at once: the token lists of all rows are never Python objects together.
-        parts, sources, lengths, cuts, dropped = [], [], [], [], 0
-        for begin in range(0, len(rows), ENCODE_BATCH_ROWS):
-            batch = rows[begin : begin + ENCODE_BATCH_ROWS]
-            encoded = _encode_batch(tokenizer, [(row["messages"], row.get("tools")) for row in batch], settings)
-            batch_sources = [row.get("source", "") for row in batch]
-            sources += batch_sources
-            lengths += encoded["length"]
-            cuts += encoded["truncated"]
-            keep = encoded["trained"]
-            dropped += len(keep) - sum(keep)
-            columns = {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "source": batch_sources}
-            if any(keep):
-                kept = {
-                    key: [item for item, k in zip(value, keep, strict=True) if k] for key, value in columns.items()
-                }
-                parts.append(Dataset.from_dict(kept))
-        empty = {"input_ids": [], "labels": [], "source": []}
-        dataset = concatenate_datasets(parts) if parts else Dataset.from_dict(empty)
+    if launched:
+        dataset, truncated, dropped = _tokenize_launched(rows, tokenizer, name, settings, num_proc, training_args)
     else:
-
-        def encode(batch):
-            conversations = [json.loads(text) for text in batch["conversation"]]
-            pairs = [(conversation["messages"], conversation.get("tools")) for conversation in conversations]
-            return _encode_batch(tokenizer, pairs, settings)
-
-        # As JSON text: Arrow would merge the shapes of every row's tools and arguments into one schema.
-        conversations = [
-            {
-                "conversation": json.dumps(
-                    {key: row[key] for key in ("messages", "tools") if key in row}, ensure_ascii=False
-                ),
-                "source": row.get("source", ""),
-            }
-            for row in rows
-        ]
-        cache, first = {}, contextlib.nullcontext()
-        if launched:
-            fingerprint = {"name": name, "max_length": max_length, "last_turn_only": last_turn_only}
-            if template_kwargs:
-                fingerprint["template_kwargs"] = template_kwargs
-            cache = {"cache_file_name": str(_cache_file(rows, tokenizer, fingerprint))}
-            first = training_args.main_process_first(local=True, desc=f"tokenizing {name} rows")
-        with first:
-            dataset = Dataset.from_list(conversations).map(
-                encode,
-                batched=True,
-                batch_size=ENCODE_BATCH_ROWS,
-                remove_columns=["conversation"],
-                num_proc=num_proc,
-                desc=f"Tokenizing {name} rows",
-                **cache,
-            )
-        sources, lengths, cuts, keep = (dataset[key] for key in ("source", "length", "truncated", "trained"))
-        dropped = len(keep) - sum(keep)
-        if dropped:
-            dataset = dataset.select([index for index, kept in enumerate(keep) if kept])
-        dataset = dataset.remove_columns(["truncated", "length", "trained"])
-    truncated = [
-        f"{source} ({length} tokens)" for source, length, cut in zip(sources, lengths, cuts, strict=True) if cut
-    ]
-    if is_main:
+        dataset, truncated, dropped = _tokenize_in_memory(rows, tokenizer, settings, num_proc or 1)
+    if not launched or training_args.process_index == 0:
         report = f"{name}: {len(dataset)} rows used, {len(truncated)} truncated to max_length={max_length}"
         if truncated:
             report += f" ({_first_rows(truncated)})"
+        if truncated and truncation_mode == "keep_end":
+            report += ", earliest rounds dropped (truncation_mode keep_end)"
         if dropped:
             report += f", {dropped} dropped because truncation left no trained token (raise max_length)"
         print(report, file=sys.stderr)
     if len(dataset) == 0:
         raise UserError(f"no {name} rows left to train on; raise max_length (now {max_length})")
     return dataset
+
+
+# What the forked encoding processes inherit: (rows, tokenizer, settings), set only while they run.
+_FORKED = None
+
+
+def _tokenize_in_memory(rows, tokenizer, settings: dict, num_proc: int):
+    """(dataset, the truncated rows' "source (length tokens)", how many rows were dropped), encoded a batch at a time
+    in this process or in num_proc forked ones."""
+    import multiprocessing
+    import os
+
+    import pyarrow
+    from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.table import InMemoryTable
+
+    global _FORKED
+    bounds = [(begin, min(begin + ENCODE_BATCH_ROWS, len(rows))) for begin in range(0, len(rows), ENCODE_BATCH_ROWS)]
+    if num_proc > 1 and len(bounds) > 1:
+        _FORKED = (rows, tokenizer, settings)
+        parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, and no warning from tokenizers
+        try:
+            with multiprocessing.get_context("fork").Pool(min(num_proc, len(bounds))) as pool:
+                batches = list(pool.imap(_encode_forked, bounds))
+        finally:
+            _FORKED = None
+            if parallelism is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+    else:
+        batches = [_encode_rows(rows[begin:end], tokenizer, settings) for begin, end in bounds]
+    tables = [table for table, _, _ in batches if table.num_rows]
+    table = pyarrow.concat_tables(tables) if tables else _arrow_columns([], [], [])
+    truncated = [name for _, names, _ in batches for name in names]
+    # A random fingerprint, as datasets gives a dataset it cannot hash: hashing all the tokens would take seconds.
+    dataset = Dataset(InMemoryTable(table), fingerprint=generate_random_fingerprint())
+    return dataset, truncated, sum(dropped for _, _, dropped in batches)
+
+
+def _encode_forked(bounds: tuple[int, int]):
+    rows, tokenizer, settings = _FORKED
+    return _encode_rows(rows[bounds[0] : bounds[1]], tokenizer, settings)
+
+
+def _encode_rows(rows, tokenizer, settings: dict):
+    """(Arrow table of input_ids, labels and source of the rows that keep a trained token, the truncated rows'
+    "source (length tokens)", how many rows were dropped)."""
+    encoded = _encode_batch(tokenizer, [(row["messages"], row.get("tools")) for row in rows], settings)
+    sources = [row.get("source", "") for row in rows]
+    truncated = [
+        f"{source} ({length} tokens)"
+        for source, length, cut in zip(sources, encoded["length"], encoded["truncated"], strict=True)
+        if cut
+    ]
+    keep = encoded["trained"]
+    columns = (encoded["input_ids"], encoded["labels"], sources)
+    if not all(keep):
+        columns = tuple([item for item, kept in zip(column, keep, strict=True) if kept] for column in columns)
+    return _arrow_columns(*columns), truncated, len(keep) - sum(keep)
+
+
+def _arrow_columns(input_ids: list, labels: list, sources: list):
+    """The Arrow table of the three columns, with the types datasets gives them (lists of int64, strings)."""
+    import pyarrow
+
+    tokens = pyarrow.list_(pyarrow.int64())
+    return pyarrow.table(
+        {
+            "input_ids": pyarrow.array(input_ids, type=tokens),
+            "labels": pyarrow.array(labels, type=tokens),
+            "source": pyarrow.array(sources, type=pyarrow.string()),
+        }
+    )
+
+
+def _tokenize_launched(rows, tokenizer, name: str, settings: dict, num_proc, training_args):
+    """tokenize_dataset under a launch: datasets' map into the cache file the machine's other processes load."""
+    from datasets import Dataset
+
+    def encode(batch):
+        conversations = [json.loads(text) for text in batch["conversation"]]
+        pairs = [(conversation["messages"], conversation.get("tools")) for conversation in conversations]
+        return _encode_batch(tokenizer, pairs, settings)
+
+    # As JSON text: Arrow would merge the shapes of every row's tools and arguments into one schema.
+    conversations = [
+        {
+            "conversation": json.dumps(
+                {key: row[key] for key in ("messages", "tools") if key in row}, ensure_ascii=False
+            ),
+            "source": row.get("source", ""),
+        }
+        for row in rows
+    ]
+    fingerprint = {"name": name, "max_length": settings["max_length"], "last_turn_only": settings["last_turn_only"]}
+    if settings["template_kwargs"]:
+        fingerprint["template_kwargs"] = settings["template_kwargs"]
+    if "truncation_mode" in settings:
+        fingerprint["truncation_mode"] = settings["truncation_mode"]
+    cache_file = str(_cache_file(rows, tokenizer, fingerprint))
+    with training_args.main_process_first(local=True, desc=f"tokenizing {name} rows"):
+        dataset = Dataset.from_list(conversations).map(
+            encode,
+            batched=True,
+            batch_size=ENCODE_BATCH_ROWS,
+            remove_columns=["conversation"],
+            num_proc=num_proc,
+            desc=f"Tokenizing {name} rows",
+            cache_file_name=cache_file,
+        )
+    sources, lengths, cuts, keep = (dataset[key] for key in ("source", "length", "truncated", "trained"))
+    dropped = len(keep) - sum(keep)
+    if dropped:
+        dataset = dataset.select([index for index, kept in enumerate(keep) if kept])
+    truncated = [
+        f"{source} ({length} tokens)" for source, length, cut in zip(sources, lengths, cuts, strict=True) if cut
+    ]
+    return dataset.remove_columns(["truncated", "length", "trained"]), truncated, dropped
 
 
 def _encode_batch(tokenizer, pairs, settings: dict) -> dict[str, list]:
