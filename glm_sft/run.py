@@ -30,10 +30,11 @@ from glm_sft.methods import (
 )
 from glm_sft.model_card import model_card, prompt_example
 from glm_sft.outputs import acquire_output_lock, check_output_dir
+from glm_sft.reasoning import reasoning_samples
 from glm_sft.saving import save_final_model
 from glm_sft.stopping import GracefulStop
 from glm_sft.template import answering_switches, check_switches, reasoning_in, save_tokenizer
-from glm_sft.tokenization import reasoning_samples, tokenize_dataset
+from glm_sft.tokenization import tokenize_dataset
 
 
 @dataclass
@@ -336,7 +337,7 @@ def check_eval_data(training, eval_rows) -> None:
 def tokenized_datasets(recipe: Recipe, tokenizer, family: str, switches: dict, train_rows, eval_rows):
     """(train, eval or None) datasets of input_ids and labels, as the trainer gets them, rendered with the template
     switches `switches`, cut to max_length as truncation_mode says; rows with reasoning the template drops from
-    history are split first (tokenization.reasoning_samples). The trainer does not prepare them again
+    history are split first (reasoning.reasoning_samples). The trainer does not prepare them again
     (trainer_arguments), so shuffle_dataset is applied here, as TRL's preparation would."""
     training, last_turn_only = recipe.training, recipe.data.last_turn_only
     train_rows, eval_rows = (

@@ -11,8 +11,9 @@ from conftest import REPO, build_run, glm_moe_dsa_tokenizer_dir, write_jsonl
 from glm_sft import UserError
 from glm_sft.builtin import builtin_path
 from glm_sft.loading import load_tokenizer
+from glm_sft.reasoning import reasoning_samples
 from glm_sft.template import IGNORE_INDEX, MODEL_TYPE_FAMILIES, THINKING_FAMILIES, template_difference
-from glm_sft.tokenization import encode_conversation, reasoning_samples
+from glm_sft.tokenization import encode_conversation
 
 BUILTIN_FAMILIES = {
     "builtin:tiny-glm4": ("glm4", "GlmForCausalLM"),

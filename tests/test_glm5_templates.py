@@ -14,6 +14,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from glm_sft import UserError
 from glm_sft.loading import load_tokenizer
+from glm_sft.reasoning import reasoning_samples
 from glm_sft.template import (
     IGNORE_INDEX,
     MODEL_TYPE_FAMILIES,
@@ -25,7 +26,7 @@ from glm_sft.template import (
     probe_conversations,
     template_difference,
 )
-from glm_sft.tokenization import encode_chat, encode_conversation, reasoning_samples
+from glm_sft.tokenization import encode_chat, encode_conversation
 
 FAMILIES = MODEL_TYPE_FAMILIES["glm_moe_dsa"]
 RELEASED = REPO / "glm_sft" / "templates" / "released"

@@ -12,9 +12,10 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from glm_sft import UserError
 from glm_sft.builtin import builtin_path
 from glm_sft.loading import load_tokenizer
+from glm_sft.reasoning import reasoning_samples
 from glm_sft.replies import parse_reply
 from glm_sft.template import IGNORE_INDEX, native_messages
-from glm_sft.tokenization import encode_conversation, reasoning_samples
+from glm_sft.tokenization import encode_conversation
 
 RELEASED = REPO / "glm_sft" / "templates" / "released"
 WEATHER = {

@@ -8,6 +8,7 @@ from conftest import REPO, write_jsonl
 
 from glm_sft import UserError
 from glm_sft.arguments import parse_recipe
+from glm_sft.reasoning import reasoning_samples
 from glm_sft.template import (
     FAMILIES,
     THINKING_FAMILIES,
@@ -17,7 +18,6 @@ from glm_sft.template import (
     family_template,
     reasoning_in,
 )
-from glm_sft.tokenization import reasoning_samples
 
 
 def test_each_family_takes_the_switches_its_template_reads():
