@@ -15,7 +15,8 @@ from pathlib import Path
 
 from glm_sft import UserError
 from glm_sft.replies import ReasoningStream, split_reasoning
-from glm_sft.template import check_switches, family_thinks
+from glm_sft.switches import check_switches
+from glm_sft.template import family_thinks
 from glm_sft.tokenization import encode_chat
 
 DEFAULT_CONTEXT = 4096  # for a config that does not say (max_position_embeddings)

@@ -15,7 +15,8 @@ from glm_sft.arguments import parse_recipe
 from glm_sft.data import read_datasets
 from glm_sft.loading import load_tokenizer
 from glm_sft.reasoning import reasoning_samples
-from glm_sft.template import IGNORE_INDEX, check_switches
+from glm_sft.switches import check_switches
+from glm_sft.template import IGNORE_INDEX
 from glm_sft.tokenization import tokenize_dataset
 
 

@@ -21,7 +21,8 @@ def reasoning_samples(
     reply trains, and it keeps its reasoning), nor with the template switch clear_thinking=false (`switches`), which
     keeps every turn's reasoning; the error stays.
     """
-    from glm_sft.template import NATIVE_TOOL_FAMILIES, REASONING_KEPT, always_thinks, family_switches
+    from glm_sft.switches import always_thinks, family_switches
+    from glm_sft.template import NATIVE_TOOL_FAMILIES, REASONING_KEPT
 
     def reasons(message):
         return message["role"] == "assistant" and bool(message.get("reasoning_content"))

@@ -33,7 +33,8 @@ from glm_sft.outputs import acquire_output_lock, check_output_dir
 from glm_sft.reasoning import reasoning_samples
 from glm_sft.saving import save_final_model
 from glm_sft.stopping import GracefulStop
-from glm_sft.template import answering_switches, check_switches, reasoning_in, save_tokenizer
+from glm_sft.switches import answering_switches, check_switches, reasoning_in
+from glm_sft.template import save_tokenizer
 from glm_sft.tokenization import tokenize_dataset
 
 

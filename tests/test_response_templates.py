@@ -15,12 +15,12 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from glm_sft.loading import load_tokenizer
 from glm_sft.replies import Reply, parse_reply
 from glm_sft.responses import RESPONSE_DIR, response_template
+from glm_sft.switches import family_switches
 from glm_sft.template import (
     FAMILIES,
     STOP_TOKENS,
     THINKING_FAMILIES,
     family_messages,
-    family_switches,
     family_template,
     probe_conversations,
     save_tokenizer,

@@ -9,15 +9,8 @@ from conftest import REPO, write_jsonl
 from glm_sft import UserError
 from glm_sft.arguments import parse_recipe
 from glm_sft.reasoning import reasoning_samples
-from glm_sft.template import (
-    FAMILIES,
-    THINKING_FAMILIES,
-    answering_switches,
-    check_switches,
-    family_switches,
-    family_template,
-    reasoning_in,
-)
+from glm_sft.switches import answering_switches, check_switches, family_switches, reasoning_in
+from glm_sft.template import FAMILIES, THINKING_FAMILIES, family_template
 
 
 def test_each_family_takes_the_switches_its_template_reads():

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from glm_sft.inference import encode_prompt
 from glm_sft.jsonio import MAX_JSON_DEPTH, json_type_name
 from glm_sft.replies import parse_arguments, tool_call
-from glm_sft.template import TEMPLATE_SWITCHES, control_token_in
+from glm_sft.switches import TEMPLATE_SWITCHES
+from glm_sft.template import control_token_in
 from glm_sft.tools import canonical_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
@@ -168,7 +169,7 @@ def parse_chat_request(body, *, temperature: float, top_p: float) -> ChatRequest
 
 
 def _template_switches(value) -> dict:
-    """chat_template_kwargs: only the template's switches (glm_sft.template.TEMPLATE_SWITCHES), each of its type; a
+    """chat_template_kwargs: only the template's switches (glm_sft.switches.TEMPLATE_SWITCHES), each of its type; a
     switch that is null is left out. Nothing else may reach the template's arguments."""
     if not isinstance(value, dict):
         raise RequestError(
