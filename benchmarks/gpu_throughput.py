@@ -1,7 +1,8 @@
 """Every GPU table of docs/benchmarks.md in one command: GLM-4-9B and ChatGLM3-6B shapes (random bf16 weights, the
 released configs), LoRA r8 on all linear layers, max_length 2048; the trl, trl_tuned and ours arms of
-train_throughput.py, with and without gradient checkpointing, and ours with glm_sft.kernels; then a profile of one
-step of ours (where the time goes).
+train_throughput.py, with and without gradient checkpointing, and ours with glm_sft.kernels; the GLM-4.7-Flash shape
+(its real widths, 8 of its 47 layers) with trl_tuned (PEFT's own MoE LoRA), ours (bf16 LoRA) and ours_qlora (QLoRA,
+routed experts in 4-bit NF4), checkpointing on; then a profile of one step of ours (where the time goes).
 
 python benchmarks/gpu_throughput.py                          # on a GPU machine: about 40 minutes on one H100
 python benchmarks/gpu_throughput.py --dry_run                # on the CPU: the same steps at the tiny size, seconds
@@ -24,12 +25,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 MODELS = ("glm4-9b", "chatglm3-6b")
 ARMS = "trl,trl_tuned,ours"
+MOE_MODELS = ("glm47-flash",)
+MOE_ARMS = "trl_tuned,ours,ours_qlora"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--arms", default=ARMS)
+    parser.add_argument("--moe_models", default=",".join(MOE_MODELS), help="MoE shapes (bf16 LoRA and QLoRA arms)")
+    parser.add_argument("--moe_arms", default=MOE_ARMS)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--max_length", type=int, default=2048)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -40,8 +45,9 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.models, args.rows, args.max_length, args.batch_size = "tiny", 8, 128, 4
+        args.models, args.moe_models, args.rows, args.max_length, args.batch_size = "tiny", "tiny-moe", 8, 128, 4
     args.models = [model for model in args.models.split(",") if model]
+    args.moe_models = [model for model in args.moe_models.split(",") if model]
     return args
 
 
@@ -54,6 +60,8 @@ def configurations(args):
             ]  # fmt: skip
         yield f"{model}-ours-kernels", ["--model", model, "--gradient_checkpointing", "false", "--arms", "ours",
                                         "--kernels", "true"]  # fmt: skip
+    for model in args.moe_models:
+        yield f"{model}-lora-qlora", ["--model", model, "--gradient_checkpointing", "true", "--arms", args.moe_arms]
 
 
 def profile_step(args, out_dir: Path) -> str:

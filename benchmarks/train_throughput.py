@@ -28,8 +28,9 @@ python benchmarks/train_throughput.py --model glm4-9b --max_length 2048 --batch_
 python benchmarks/gpu_throughput.py                                   # every GPU table of docs/benchmarks.md
 
 Models have random weights built from a config (no download): `tiny` is the GLM architecture at hidden 256, the
-GPU configurations are GLM-4-9B's and ChatGLM3-6B's real shapes. The text goes through the built-in tiny tokenizer
-of the family (real vocabulary size in the model, so the output layer costs what it really costs).
+GPU configurations are GLM-4-9B's and ChatGLM3-6B's real shapes, and `glm47-flash` GLM-4.7-Flash's real widths with 8
+of its 47 layers (an MoE: arms trl_tuned, ours, ours_qlora, as for tiny-moe). The text goes through the built-in tiny
+tokenizer of the family (real vocabulary size in the model, so the output layer costs what it really costs).
 
 Figures per arm: real_tokens_per_s (non-padding tokens through the model per second of training), trained_tokens_per_s
 (tokens with a loss), padding_ratio (padding positions / all positions), peak_memory_mb (RSS on CPU; allocated and
@@ -71,6 +72,25 @@ GLM4_9B = dict(
     vocab_size=151552,
     attention_bias=True,
 )
+GLM47_FLASH = dict(
+    vocab_size=154880,
+    hidden_size=2048,
+    intermediate_size=10240,
+    moe_intermediate_size=1536,
+    num_attention_heads=20,
+    num_key_value_heads=20,
+    q_lora_rank=768,
+    kv_lora_rank=512,
+    qk_nope_head_dim=192,
+    qk_rope_head_dim=64,
+    qk_head_dim=256,
+    head_dim=64,
+    v_head_dim=256,
+    n_routed_experts=64,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+)
+MOE_FAMILIES = ("glm45", "glm47")
 MODELS = {
     "tiny": dict(family="glm4", vocab_size=6000),
     "tiny-moe": dict(
@@ -87,6 +107,9 @@ MODELS = {
         first_k_dense_replace=0,
     ),
     "glm4-9b": dict(family="glm4", **GLM4_9B),
+    # GLM-4.7-Flash's released widths (MLA attention, 64 routed experts, 4 per token, one shared expert, layer 0
+    # dense) with 8 of its 47 layers, so that its bf16 weights (10.3 GB) and PEFT's W + B·A fit one 80 GB GPU.
+    "glm47-flash": dict(GLM47_FLASH, family="glm47", num_hidden_layers=8, mlp_layer_types=["dense"] + ["sparse"] * 7),
     "chatglm3-6b": dict(GLM4_9B, family="chatglm3", num_hidden_layers=28, vocab_size=65024),  # same layer shape
 }
 # Dense bf16 peak of the GPUs we report MFU on, in FLOP/s; the longest name the device's name contains wins (an
@@ -100,7 +123,12 @@ PEAK_FLOPS = {
     "L40S": 362e12,
     "RTX 4090": 165e12,
 }
-TOKENIZERS = {"glm4": "builtin:tiny-glm4", "chatglm3": "builtin:tiny-chatglm3", "glm45": "builtin:tiny-glm45"}
+TOKENIZERS = {
+    "glm4": "builtin:tiny-glm4",
+    "chatglm3": "builtin:tiny-chatglm3",
+    "glm45": "builtin:tiny-glm45",
+    "glm47": "builtin:tiny-glm47-flash",
+}
 
 
 def parse_args(argv=None):
@@ -193,7 +221,7 @@ def tokenizer_name(args) -> str:
 
 
 def moe(args) -> bool:
-    return MODELS[args.model]["family"] == "glm45"
+    return MODELS[args.model]["family"] in MOE_FAMILIES
 
 
 def peft_moe_config(model_args, model):
@@ -514,6 +542,7 @@ def model_flops_utilization(model, row_lengths, seconds) -> float | None:
     import torch
 
     from glm_sft.experts import routed_experts
+    from glm_sft.quantized_experts import packed_weights_uncounted
 
     name = torch.cuda.get_device_name()
     matches = [key for key in PEAK_FLOPS if key in name]
@@ -522,15 +551,30 @@ def model_flops_utilization(model, row_lengths, seconds) -> float | None:
     peak = PEAK_FLOPS[max(matches, key=len)]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    weights = sum(p.numel() for n, p in base.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
+    weights = sum(weight_count(p) for n, p in base.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
     # Active parameters: a token goes through top-k of the routed experts (shared experts are plain layers, counted).
-    experts = sum(p.numel() for module in routed_experts(base) for p in module.parameters(recurse=False))
+    experts = sum(weight_count(p) for module in routed_experts(base) for p in module.parameters(recurse=False))
+    experts += packed_weights_uncounted(base)  # 4-bit experts: two weights a byte
     if experts:
         weights -= experts * (1 - config.num_experts_per_tok / config.n_routed_experts)
-    width = config.num_attention_heads * config.head_dim
+    # Attention's width: heads x head_dim; with latent attention (MLA) the mean of the query-key and value widths.
+    if getattr(config, "qk_nope_head_dim", None):
+        head = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) / 2
+    else:
+        head = config.head_dim
+    width = config.num_attention_heads * head
     flops = 4 * weights * sum(row_lengths)
     flops += sum(6 * length * length * width * config.num_hidden_layers for length in row_lengths)
     return flops / seconds / peak
+
+
+def weight_count(parameter) -> int:
+    """The weights a parameter stands for: a bitsandbytes 4-bit parameter packs two in a byte (its quant_state keeps
+    the shape)."""
+    import math
+
+    state = getattr(parameter, "quant_state", None)
+    return math.prod(state.shape) if state is not None else parameter.numel()
 
 
 # ----------------------------------------------------------------------------------------------------------- parent

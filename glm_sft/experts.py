@@ -24,6 +24,7 @@ from torch import nn
 from glm_sft import UserError
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+GATE_UP = EXPERT_PARAMETERS[0]
 ROUTER = "gate"  # the router's name in the MoE block; its weight is a 2-D parameter of a custom module
 # PEFT's own choice for the fused experts (utils/transformers_weight_conversion.py): gate and up keep rank r and
 # lora_alpha each, so the fused gate_up_proj gets twice both.
@@ -238,7 +239,24 @@ def experts_forward(experts, hidden_states, top_k_index, top_k_weights, adapters
 
 
 def eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights, adapters) -> torch.Tensor:
-    """transformers' eager experts loop, with y = x·W_e + s·(dropout(x)·A_e)·B_e in each projection."""
+    """The per-expert loop, with y = x·W_e + s·(dropout(x)·A_e)·B_e in each projection. Without dropout in play and
+    with the base weights frozen, `SortedExperts` runs it (rows sorted by expert once, activations recomputed in the
+    backward); otherwise autograd records transformers' eager loop."""
+    dropping = any(
+        isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+        for factors in adapters.values()
+        for *_, dropout in factors
+    )
+    frozen = not any(getattr(experts, name).requires_grad for name in EXPERT_PARAMETERS)
+    if not dropping and frozen:
+        factors = [tensor for name in EXPERT_PARAMETERS for a, b, _, _ in adapters[name] for tensor in (a, b)]
+        return SortedExperts.apply(experts, adapters, hidden_states, top_k_index, top_k_weights, *factors)
+    return _autograd_experts_forward(experts, hidden_states, top_k_index, top_k_weights, adapters)
+
+
+def _autograd_experts_forward(experts, hidden_states, top_k_index, top_k_weights, adapters) -> torch.Tensor:
+    """transformers' eager experts loop with the LoRA terms, every step recorded by autograd (dropout, trained
+    base weights)."""
     final_hidden_states = torch.zeros_like(hidden_states)
     count = experts.num_experts
     with torch.no_grad():
@@ -253,6 +271,129 @@ def eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights, ad
         projected = projected * top_k_weights[token_idx, top_k_pos, None]
         final_hidden_states.index_add_(0, token_idx, projected.to(final_hidden_states.dtype))
     return final_hidden_states
+
+
+class SortedExperts(torch.autograd.Function):
+    """The routed experts with LoRA, rows sorted by expert once per layer, each expert's rows a contiguous slice. The
+    forward keeps nothing per expert but x·A_e of the gate_up projection (rank columns per row); the backward
+    recomputes each expert's gate_up output from the layer input, so no expert activations stay alive between the
+    two passes. The routing weights' gradient is <dL/dy_e, y_e>, formed from the down projection's input gradient,
+    so y_e is not recomputed. Frozen base weights, no dropout (eager_experts_forward decides)."""
+
+    @staticmethod
+    def forward(ctx, experts, adapters, hidden_states, top_k_index, top_k_weights, *factors):
+        top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=experts.num_experts + 1)[: experts.num_experts].tolist()
+        order = order[: sum(counts)]  # rows for expert parallelism's placeholder (ids past the last) sort last
+        tokens = order // top_k
+        weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        low_ranks = [hidden_states.new_empty(len(order), a.shape[1], dtype=a.dtype) for a, *_ in adapters[GATE_UP]]
+        final = torch.zeros_like(hidden_states)
+        for expert, rows in _slices(counts):
+            index = tokens[rows]
+            projected = _project(experts, "gate_up_proj", expert, hidden_states[index], adapters, low_ranks, rows)
+            projected = _project(experts, "down_proj", expert, experts._apply_gate(projected), adapters)
+            final.index_add_(0, index, (projected * weights[rows].to(projected.dtype)).to(final.dtype))
+        ctx.experts, ctx.adapters, ctx.counts, ctx.shape = experts, adapters, counts, top_k_index.shape
+        ctx.save_for_backward(hidden_states, top_k_weights, order, *low_ranks)
+        return final
+
+    @staticmethod
+    def backward(ctx, grad_final):
+        experts, adapters, counts = ctx.experts, ctx.adapters, ctx.counts
+        hidden_states, top_k_weights, order, *low_ranks = ctx.saved_tensors
+        tokens = order // ctx.shape[-1]
+        weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        grad_hidden = torch.zeros_like(hidden_states) if ctx.needs_input_grad[2] else None
+        grad_weights = torch.zeros_like(weights) if ctx.needs_input_grad[4] else None
+        grads = {name: [torch.zeros_like(t) for a, b, _, _ in adapters[name] for t in (a, b)] for name in adapters}
+        for expert, rows in _slices(counts):
+            index = tokens[rows]
+            inputs = hidden_states[index]
+            with torch.no_grad():
+                projected = _project(experts, "gate_up_proj", expert, inputs, adapters, low_ranks, rows, saved=True)
+            with torch.enable_grad():
+                pre = projected.requires_grad_()
+                gated = experts._apply_gate(pre)
+            grad_outputs = grad_final[index].to(gated.dtype)
+            scale = weights[rows].to(gated.dtype)
+            # dL/d(gated) before the routing weight: y_e is linear in gated, so its row dot with gated is dL/dweight
+            grad_gated = _project_backward(
+                experts, "down_proj", expert, grad_outputs, gated.detach(), None, scale, adapters, grads
+            )
+            if grad_weights is not None:
+                dots = (grad_gated * gated.detach()).sum(-1, keepdim=True)
+                if experts.has_bias:  # y_e = gated·W_e + bias_e: the bias's share of <dL/dy_e, y_e>
+                    dots += grad_outputs @ experts.down_proj_bias[expert].to(grad_outputs.dtype).unsqueeze(-1)
+                grad_weights[rows] = dots.to(grad_weights.dtype)
+            (grad_pre,) = torch.autograd.grad(gated, pre, grad_gated * scale)
+            grad_inputs = _project_backward(
+                experts, "gate_up_proj", expert, grad_pre, inputs, (low_ranks, rows), None, adapters, grads
+            )
+            if grad_hidden is not None:
+                grad_hidden.index_add_(0, index, grad_inputs.to(grad_hidden.dtype))
+        if grad_weights is not None:
+            grad_weights = torch.zeros_like(top_k_weights).reshape(-1).index_copy_(0, order, grad_weights.view(-1))
+            grad_weights = grad_weights.view(ctx.shape)
+        return None, None, grad_hidden, None, grad_weights, *grads["gate_up_proj"], *grads["down_proj"]
+
+
+def _slices(counts):
+    """(expert, its rows' slice) for each expert with rows, rows sorted by expert."""
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            yield expert, slice(start, start + count)
+            start += count
+
+
+def _weight(experts, name: str, expert: int, dtype):
+    from glm_sft.quantized_experts import expert_weight, is_quantized
+
+    if is_quantized(experts):
+        return expert_weight(experts, name, expert).to(dtype)
+    return getattr(experts, name)[expert]
+
+
+def _project(experts, name, expert, inputs, adapters, low_ranks=None, rows=None, saved=False):
+    """One expert's projection `name`: x·W_e (+ bias) + s·(x·A_e)·B_e for each adapter. With `low_ranks`, x·A_e goes
+    to (or, `saved`, comes from) low_ranks[adapter][rows]."""
+    weight = _weight(experts, name, expert, inputs.dtype)
+    outputs = inputs @ weight if experts.is_transposed else inputs @ weight.t()
+    if experts.has_bias:
+        outputs += getattr(experts, f"{name}_bias")[expert]
+    for index, (lora_a, lora_b, scaling, _) in enumerate(adapters[name]):
+        if saved:
+            low_rank = low_ranks[index][rows]
+        else:
+            low_rank = inputs.to(lora_a.dtype) @ lora_a[expert].t()
+            if low_ranks is not None:
+                low_ranks[index][rows] = low_rank
+        if lora_b.dtype == outputs.dtype:
+            outputs.addmm_(low_rank, lora_b[expert].t(), alpha=scaling)
+        else:
+            outputs += (low_rank @ lora_b[expert].t() * scaling).to(outputs.dtype)
+    return outputs
+
+
+def _project_backward(experts, name, expert, grad_outputs, inputs, low_ranks, row_scale, adapters, grads):
+    """For dL/d(outputs) = row_scale * grad_outputs (row_scale None: 1) of `_project`: adds each adapter's A_e and B_e
+    gradients to grads[name] and returns the input's gradient without row_scale (SortedExperts.backward applies it)."""
+    weight = _weight(experts, name, expert, grad_outputs.dtype)
+    grad_inputs = grad_outputs @ weight.t() if experts.is_transposed else grad_outputs @ weight
+    scaled = grad_outputs if row_scale is None else grad_outputs * row_scale
+    for index, (lora_a, lora_b, scaling, _) in enumerate(adapters[name]):
+        grad_low = grad_outputs.to(lora_b.dtype) @ lora_b[expert]  # rows x rank
+        grad_inputs += (grad_low @ lora_a[expert] * scaling).to(grad_inputs.dtype)
+        x = inputs.to(lora_a.dtype)
+        low_rank = x @ lora_a[expert].t() if low_ranks is None else low_ranks[0][index][low_ranks[1]]
+        if row_scale is not None:
+            grad_low = grad_low * row_scale.to(grad_low.dtype)
+        grads[name][2 * index][expert] = grad_low.t() @ x * scaling
+        grads[name][2 * index + 1][expert] = scaled.to(lora_b.dtype).t() @ low_rank * scaling
+    return grad_inputs
 
 
 def _expert_linear(experts, name: str, expert: int, inputs, adapters):

@@ -117,10 +117,20 @@ def test_tokenize_benchmark_compares_the_same_rows(tmp_path):
 @pytest.mark.slow
 def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     # The steps of every table; the arms themselves are the CPU benchmark's (test_throughput_benchmark_...).
-    result = run_script("benchmarks/gpu_throughput.py", "--dry_run", "--arms", "ours", "--out_dir", tmp_path)
+    result = run_script(
+        "benchmarks/gpu_throughput.py",
+        "--dry_run",
+        *("--arms", "ours", "--moe_arms", "ours,ours_qlora"),
+        "--out_dir",
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tables = (tmp_path / "tables.md").read_text()
-    for name in ("tiny-checkpointing-on", "tiny-checkpointing-off", "tiny-ours-kernels"):
+    # The MoE table (GLM-4.7-Flash's shape on a GPU; tiny-moe in the dry run): bf16 LoRA and QLoRA with 4-bit experts.
+    moe = json.loads((tmp_path / "tiny-moe-lora-qlora.json").read_text())["arms"]
+    assert list(moe) == ["ours", "ours_qlora"] and all("error" not in figures for figures in moe.values())
+    assert 0 < moe["ours_qlora"]["expert_weight_bytes"] <= 0.3 * moe["ours"]["expert_weight_bytes"]
+    for name in ("tiny-checkpointing-on", "tiny-checkpointing-off", "tiny-ours-kernels", "tiny-moe-lora-qlora"):
         assert f"### {name}" in tables and (tmp_path / f"{name}.json").exists()
     kernels = json.loads((tmp_path / "tiny-ours-kernels.json").read_text())["arms"]["ours"]
     assert kernels["kernels"] == []  # the CPU: not in place

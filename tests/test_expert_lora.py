@@ -304,3 +304,77 @@ def test_moe_lora_checks_before_loading():
     with pytest.raises(UserError, match="names the router"):
         check_moe_lora(lora_args(lora_dropout=0.1, lora_target="q_proj,gate"), "glm5")
     check_moe_lora(lora_args(lora_target="q_proj,gate"), "glm5")
+
+
+# --- the sorted, recomputing experts function against autograd's record of the eager loop ---
+
+
+class TinyExperts(torch.nn.Module):
+    """transformers' gated experts layout, both orientations, with biases: what SortedExperts reads."""
+
+    def __init__(self, transposed, bias, experts=4, hidden=8, intermediate=6):
+        super().__init__()
+        generator = torch.Generator().manual_seed(7)
+        self.num_experts, self.is_transposed, self.has_bias = experts, transposed, bias
+        shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}
+        for name, (out_features, in_features) in shapes.items():
+            shape = (experts, in_features, out_features) if transposed else (experts, out_features, in_features)
+            weight = torch.randn(shape, generator=generator, dtype=torch.float64)
+            self.register_parameter(name, torch.nn.Parameter(weight, requires_grad=False))
+            bias_values = torch.randn(experts, out_features, generator=generator, dtype=torch.float64)
+            self.register_parameter(f"{name}_bias", torch.nn.Parameter(bias_values, requires_grad=False))
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sorted_experts_function_equals_the_eager_loop_with_every_gradient(transposed, bias):
+    experts = TinyExperts(transposed, bias)
+    generator = torch.Generator().manual_seed(8)
+    rows, top_k, hidden = 10, 2, 8
+    sizes = {"gate_up_proj": (8, 12), "down_proj": (6, 8)}  # (in, out)
+
+    def factors(rank):
+        adapters = {}
+        for name, (in_features, out_features) in sizes.items():
+            a = torch.randn(4, rank, in_features, generator=generator, dtype=torch.float64, requires_grad=True)
+            b = torch.randn(4, out_features, rank, generator=generator, dtype=torch.float64, requires_grad=True)
+            adapters[name] = [(a, b, 0.5, torch.nn.Identity())]
+        return adapters
+
+    adapters = factors(3)
+    for name, extra in factors(2).items():  # a second active adapter on each projection
+        adapters[name] += extra
+    hidden_states = torch.randn(rows, hidden, generator=generator, dtype=torch.float64, requires_grad=True)
+    top_k_index = torch.randint(0, 5, (rows, top_k), generator=generator)  # 4: a placeholder (expert parallelism)
+    top_k_index[0] = torch.tensor([1, 1])  # an expert hit twice by one token is allowed too
+    top_k_weights = torch.rand(rows, top_k, generator=generator, dtype=torch.float64, requires_grad=True)
+    leaves = [hidden_states, top_k_weights] + [t for name in sizes for a, b, _, _ in adapters[name] for t in (a, b)]
+    upstream = torch.randn(rows, hidden, generator=generator, dtype=torch.float64)
+
+    results = []
+    for forward in (expert_lora.eager_experts_forward, expert_lora._autograd_experts_forward):
+        outputs = forward(experts, hidden_states, top_k_index, top_k_weights, adapters)
+        results.append((outputs.detach(), torch.autograd.grad((outputs * upstream).sum(), leaves)))
+    (got, got_grads), (want, want_grads) = results
+    assert torch.allclose(got, want, atol=1e-10) and want.abs().max() > 0
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(got_grad, want_grad, atol=1e-10) and want_grad.abs().max() > 0
+
+
+def test_sorted_experts_run_without_dropout_and_the_eager_loop_with_it(monkeypatch):
+    model = ours("builtin:tiny-glm45", lora_dropout=0.2)
+    ran = []
+    original = expert_lora.SortedExperts.apply
+    monkeypatch.setattr(expert_lora.SortedExperts, "apply", lambda *args: ran.append(1) or original(*args))
+    ids = token_ids()
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+    assert not ran  # dropout in training: autograd records the eager loop
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert ran
