@@ -53,6 +53,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from weight_bytes import GLM47_FLASH as RELEASED_GLM47_FLASH  # noqa: E402  (benchmarks/ is the script's folder)
+
 ARMS = ("naive", "trl", "trl_tuned", "ours", "ours_qlora")
 DEFAULT_ARMS = ("naive", "trl", "trl_tuned", "ours")
 REFERENCES = ("trl_tuned", "trl", "naive")  # the ratios of every arm to these
@@ -72,23 +74,25 @@ GLM4_9B = dict(
     vocab_size=151552,
     attention_bias=True,
 )
-GLM47_FLASH = dict(
-    vocab_size=154880,
-    hidden_size=2048,
-    intermediate_size=10240,
-    moe_intermediate_size=1536,
-    num_attention_heads=20,
-    num_key_value_heads=20,
-    q_lora_rank=768,
-    kv_lora_rank=512,
-    qk_nope_head_dim=192,
-    qk_rope_head_dim=64,
-    qk_head_dim=256,
-    head_dim=64,
-    v_head_dim=256,
-    n_routed_experts=64,
-    n_shared_experts=1,
-    num_experts_per_tok=4,
+WIDTH_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+)
+# GLM-4.7-Flash's released widths (weight_bytes.py holds its config), on the built-in glm47 model's layers.
+GLM47_FLASH = {key: value for key, value in RELEASED_GLM47_FLASH.items() if key in WIDTH_KEYS} | dict(
+    qk_head_dim=256, head_dim=64
 )
 MOE_FAMILIES = ("glm45", "glm47")
 MODELS = {
