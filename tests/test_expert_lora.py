@@ -82,7 +82,9 @@ def logits_and_grads(model, ids):
 def assert_same_logits_and_grads(model, reference, ids, tolerance=1e-5):
     logits, grads = logits_and_grads(model, ids)
     expected_logits, expected_grads = logits_and_grads(reference, ids)
-    assert (logits - expected_logits).abs().max() < tolerance
+    # fp32: 1e-5 of the logits' scale (they reach about 7 here, where summing the experts in another order moves the
+    # last bits by about 1e-5); the gradients are small, so 1e-5 holds for them as it is.
+    assert (logits - expected_logits).abs().max() < tolerance * max(1.0, expected_logits.abs().max().item())
     assert grads.keys() == expected_grads.keys() and len(grads) > 20
     for name, grad in grads.items():
         assert (grad - expected_grads[name]).abs().max() < tolerance, name

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import chat_once, run_main, run_script, train_in_process
+from conftest import chat_once, run_main, run_script, train_in_process, trained_demo
 
 import export
 from glm_sft.loading import load_model
@@ -41,9 +41,9 @@ def export_to(source, out_dir, *options):
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def lora_export(request, tmp_path_factory):
-    """(family, adapter dir, export dir) for a short LoRA run of each family, exported in fp32 in small shards."""
+    """(family, adapter dir, export dir) for the demo run of each family, exported in fp32 in small shards."""
     family = request.param
-    adapter = train(tmp_path_factory, f"lora-{family}", "--model_name_or_path", FAMILIES[family])
+    adapter, _ = trained_demo(tmp_path_factory, FAMILIES[family])  # the demo run other tests share (conftest)
     out_dir = export_to(adapter, tmp_path_factory.mktemp("export") / "merged", "--max-shard-size", "1MB")
     return family, adapter, out_dir
 
@@ -115,7 +115,8 @@ def test_export_directory_layout(lora_export):
     card = (out_dir / "README.md").read_text()
     assert f"base model: {FAMILIES[family]}" in card and "method: lora" in card
     assert "data/self_cognition.jsonl" in card and "lora_rank: 16" in card
-    assert "final train loss: not recorded" in card  # 3 steps with logging_steps 20 log no loss
+    history = json.loads((adapter / "trainer_state.json").read_text())["log_history"]
+    assert f"final train loss: {[entry['loss'] for entry in history if 'loss' in entry][-1]:.4f}" in card
     assert "AutoModelForCausalLM.from_pretrained" in card and "apply_chat_template" in card
 
 
