@@ -103,6 +103,7 @@ def refused(call) -> dict:
     return raised.value.body
 
 
+@pytest.mark.slow  # servers in subprocesses, signalled again and again to catch an abort: about 20 s
 def test_sigterm_and_sigint_mid_stream_end_every_reply_cleanly(tmp_path):
     servers = start_servers(tmp_path, ROUNDS)
     try:
