@@ -20,6 +20,8 @@ under gradient checkpointing a layer's recomputation takes the mask it drew from
 drawing it again; the scale multiplies the rank-r activations instead of the layer's output.
 """
 
+from functools import cache
+
 from glm_sft import UserError
 
 VARLEN_ATTENTION = "sdpa_varlen"
@@ -277,7 +279,12 @@ def _lean_lora_forward(self, x, *args, **kwargs):
     return result.to(result_dtype)
 
 
-_LEAN_CLASSES = {}
+@cache
+def _lean_linear_class():
+    """PEFT's LoRA Linear with the lean forward: one subclass, made once."""
+    from peft.tuners.lora.layer import Linear
+
+    return type("LeanLinear", (Linear,), {"forward": _lean_lora_forward})
 
 
 def lean_lora(model) -> int:
@@ -288,9 +295,7 @@ def lean_lora(model) -> int:
     count = 0
     for module in model.modules():
         if type(module) is Linear:
-            if Linear not in _LEAN_CLASSES:
-                _LEAN_CLASSES[Linear] = type("LeanLinear", (Linear,), {"forward": _lean_lora_forward})
-            module.__class__ = _LEAN_CLASSES[Linear]
+            module.__class__ = _lean_linear_class()
             count += 1
     return count
 
@@ -322,6 +327,7 @@ def _tiles(count: int, vocab: int):
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
+@cache
 def _trained_log_probs_class():
     import torch
 
@@ -372,16 +378,13 @@ def _trained_log_probs_class():
     return TrainedLogProbs
 
 
-_TRAINED_LOG_PROBS = []
 # Config keys of a scaled or softcapped head (TRL's fused head handles them; ours does not).
 LOGIT_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 def trained_log_probs(hidden, weight, targets):
     """(log p(target), entropy, target is the argmax) per row of hidden [N, H] under the head weight [V, H]."""
-    if not _TRAINED_LOG_PROBS:
-        _TRAINED_LOG_PROBS.append(_trained_log_probs_class())
-    return _TRAINED_LOG_PROBS[0].apply(hidden, weight, targets)
+    return _trained_log_probs_class().apply(hidden, weight, targets)
 
 
 def lean_lm_head(model) -> bool:

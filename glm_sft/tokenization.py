@@ -416,16 +416,17 @@ def _encode_rows(rows, tokenizer, settings: dict):
     "source (length tokens)", how many rows were dropped)."""
     encoded = _encode_batch(tokenizer, [(row["messages"], row.get("tools")) for row in rows], settings)
     sources = [row.get("source", "") for row in rows]
-    truncated = [
-        f"{source} ({length} tokens)"
-        for source, length, cut in zip(sources, encoded["length"], encoded["truncated"], strict=True)
-        if cut
-    ]
+    truncated = _truncated_rows(sources, encoded["length"], encoded["truncated"])
     keep = encoded["trained"]
     columns = (encoded["input_ids"], encoded["labels"], sources)
     if not all(keep):
         columns = tuple([item for item, kept in zip(column, keep, strict=True) if kept] for column in columns)
     return _arrow_columns(*columns), truncated, len(keep) - sum(keep)
+
+
+def _truncated_rows(sources: list, lengths: list, cuts: list) -> list[str]:
+    """The report's "source (length tokens)" of each row that truncation cut."""
+    return [f"{source} ({length} tokens)" for source, length, cut in zip(sources, lengths, cuts, strict=True) if cut]
 
 
 def _arrow_columns(input_ids: list, labels: list, sources: list):
@@ -481,9 +482,7 @@ def _tokenize_launched(rows, tokenizer, name: str, settings: dict, num_proc, tra
     dropped = len(keep) - sum(keep)
     if dropped:
         dataset = dataset.select([index for index, kept in enumerate(keep) if kept])
-    truncated = [
-        f"{source} ({length} tokens)" for source, length, cut in zip(sources, lengths, cuts, strict=True) if cut
-    ]
+    truncated = _truncated_rows(sources, lengths, cuts)
     return dataset.remove_columns(["truncated", "length", "trained"]), truncated, dropped
 
 
