@@ -28,7 +28,7 @@ from glm_sft.methods import (
     prepare_model,
     quantization_config,
 )
-from glm_sft.model_card import model_card, prompt_example
+from glm_sft.model_card import final_losses, model_card, prompt_example
 from glm_sft.outputs import acquire_output_lock, check_output_dir
 from glm_sft.reasoning import reasoning_samples
 from glm_sft.saving import save_final_model
@@ -168,9 +168,6 @@ class Run:
 
     def facts(self) -> dict:
         """What the run used and reached, for run.json and the model cards (export.py reads it too)."""
-        history = self.trainer.state.log_history
-        train_losses = [entry["loss"] for entry in history if "loss" in entry]
-        eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
         eval_dataset = self.trainer.eval_dataset
         return {
             "train_rows": len(self.train_rows),
@@ -178,8 +175,7 @@ class Run:
             "train_sequences": len(self.trainer.train_dataset),
             "eval_sequences": len(eval_dataset) if eval_dataset is not None else 0,
             "global_step": self.trainer.state.global_step,
-            "final_train_loss": train_losses[-1] if train_losses else None,
-            "final_eval_loss": eval_losses[-1] if eval_losses else None,
+            **final_losses(self.trainer.state.log_history),
             "reasoning": self.reasoning,  # in the trained replies: all, none or mixed
             # What chat_cli, serve, webchat and evaluate pass the template unless told otherwise.
             "chat_template_kwargs": self.answer_template_kwargs,
