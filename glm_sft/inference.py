@@ -63,13 +63,25 @@ class ChatModel:
         return fit_prompt(self.tokenizer, messages, budget, tools, template_kwargs=self.switches(template_kwargs))
 
     def generation_kwargs(
-        self, messages, *, tools=None, max_new_tokens=512, temperature=0.0, top_p=1.0, template_kwargs=None
+        self,
+        messages,
+        *,
+        tools=None,
+        max_new_tokens=512,
+        temperature=0.0,
+        top_p=1.0,
+        template_kwargs=None,
+        encoded: list[int] | None = None,
     ) -> dict:
-        """model.generate's arguments for one conversation; `messages` is trimmed in place to what fits."""
+        """model.generate's arguments for one conversation; `messages` is trimmed in place to what fits. `encoded`:
+        the prompt's ids when the caller has already encoded and fitted them (the server counts every prompt)."""
         import torch
 
-        prompt_ids, kept = self.prompt_ids(messages, tools, max_new_tokens, template_kwargs)
-        messages[:] = kept
+        if encoded is None:
+            prompt_ids, kept = self.prompt_ids(messages, tools, max_new_tokens, template_kwargs)
+            messages[:] = kept
+        else:
+            prompt_ids = encoded
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         sampling.setdefault("do_sample", False)

@@ -11,7 +11,6 @@ import threading
 import traceback
 from dataclasses import dataclass
 
-from glm_sft.inference import ChatModel
 from glm_sft.replies import call_or_text, partial_tag_length
 from glm_sft.serving.requests import ChatRequest, Prompt, RequestError
 
@@ -233,7 +232,7 @@ class ModelWorker:
     def answer(self, job: Job) -> None:
         import torch
 
-        request, chat = job.request, EncodedChat(self.chat, job.prompt)  # generated from the ids the reader counted
+        request, chat = job.request, self.chat
         messages = [dict(message) for message in request.messages]
         job.emit("started", job.prompt.tokens)
         if request.seed is not None:
@@ -243,6 +242,7 @@ class ModelWorker:
             temperature=request.temperature,
             top_p=request.top_p,
             template_kwargs=request.template_kwargs,
+            encoded=job.prompt.ids,  # generated from the ids the reader counted (it checked they fit)
         )
         usage = {}
         reply = ReplyEvents(job)
@@ -259,15 +259,3 @@ class ModelWorker:
             if stopped:
                 job.report_stop(usage.get("completion_tokens", 0))
         reply.done(usage)
-
-
-class EncodedChat(ChatModel):
-    """The server's model with one request's prompt already encoded (RequestReader encoded it to count it): generation
-    starts from those ids instead of encoding the messages again. Everything else is the model's own."""
-
-    def __init__(self, chat: ChatModel, prompt: Prompt):
-        self.__dict__.update(vars(chat))
-        self.encoded = prompt.ids
-
-    def prompt_ids(self, messages: list[dict], tools=None, max_new_tokens: int = 512, template_kwargs=None):
-        return self.encoded, messages  # the prompt fits with max_new_tokens: RequestReader.fit checked it
