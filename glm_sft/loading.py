@@ -3,6 +3,7 @@
 Names are a local directory, a hub id (found in the local cache or downloaded) or a built-in model (`builtin:...`).
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -185,11 +186,25 @@ def load_model(model_name_or_path: str, *, dtype=None, trust_remote_code: bool =
     extra = {"quantization_config": quantization} if quantization is not None else {}
     settings = dict(dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     try:
-        model = _from_pretrained(AutoModelForCausalLM, model_name_or_path, location, **settings)
+        with _experts_to_four_bit(quantization):
+            model = _from_pretrained(AutoModelForCausalLM, model_name_or_path, location, **settings)
     except pickle.UnpicklingError as error:  # a pytorch_model.bin torch refused to unpickle (weights_only)
         raise UserError(unsafe_pickle_message(location, "pytorch_model.bin", error)) from None
     model.config._name_or_path = model.name_or_path = model_name_or_path
     return model
+
+
+def _experts_to_four_bit(quantization):
+    """With a 4-bit QLoRA config, the routed experts of an MoE model go to NF4 as they load
+    (glm_sft.quantized_experts), so the model's full-precision experts are never held at once. Not under ZeRO-3,
+    where the weights load as sharded placeholders in the compute dtype."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if getattr(quantization, "load_in_4bit", False) and not is_deepspeed_zero3_enabled():
+        from glm_sft.quantized_experts import experts_quantized_at_load
+
+        return experts_quantized_at_load()
+    return contextlib.nullcontext()
 
 
 def quiet_transformers() -> None:

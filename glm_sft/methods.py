@@ -97,11 +97,16 @@ def prepare_model(model, model_args, training_args) -> list[str]:
         from peft import prepare_model_for_kbit_training
 
         if model_args.quantization_bit == 4:
-            from glm_sft.quantized_experts import quantize_experts
+            from glm_sft.experts import routed_experts
+            from glm_sft.quantized_experts import is_quantized, quantize_experts
 
-            # bitsandbytes quantizes nn.Linear only: the routed experts (3-D weights) go to NF4 here, before the k-bit
-            # preparation would cast them to fp32.
-            quantize_experts(model)
+            # load_model stores the routed experts (3-D weights, which bitsandbytes leaves alone) in NF4 as they load;
+            # any it did not (a model loaded another way) go to NF4 here, before the k-bit preparation would cast
+            # them to fp32.
+            if at_load := sum(is_quantized(experts) for experts in routed_experts(model)):
+                notes.append(f"QLoRA: the routed experts of {at_load} MoE layers went to 4-bit NF4 as they loaded")
+            if after := quantize_experts(model):
+                notes.append(f"QLoRA: the routed experts of {after} MoE layers went to 4-bit NF4 after the load")
 
         # Norms and other unquantized weights to fp32, input gradients on, gradient checkpointing as the recipe says.
         prepare_model_for_kbit_training(

@@ -14,6 +14,8 @@ experts module that no LoRA targets runs as well. Export merges an adapter train
 full precision (export.py does this for every QLoRA adapter): the 4-bit weights are never saved.
 """
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -23,6 +25,7 @@ from glm_sft.experts import EXPERT_PARAMETERS
 
 BLOCKSIZE = 64  # QLoRA's NF4 block
 NF4 = "_nf4_experts"  # the module attribute with, per projection, (shape of one expert's weight, dtype it computes in)
+PENDING = "_nf4_pending"  # the same while some projections are still to be stored (during a load)
 
 
 def is_quantized(experts: nn.Module) -> bool:
@@ -41,35 +44,114 @@ def quantize_experts(model, device=None) -> int:
 
 
 def _quantize_module(experts: nn.Module, device) -> None:
-    from bitsandbytes.functional import quantize_4bit
-
-    states = {}
     for name in EXPERT_PARAMETERS:
         weight = experts._parameters[name]
         target = torch.device(device) if device is not None else weight.device
-        packed, absmax, absmax2, offsets = [], [], [], []
-        for expert in range(weight.shape[0]):
-            data, state = quantize_4bit(
-                weight[expert].detach().to(target).contiguous(),
-                blocksize=BLOCKSIZE,
-                compress_statistics=True,
-                quant_type="nf4",
-            )
-            packed.append(data.view(-1))
-            absmax.append(state.absmax)
-            absmax2.append(state.state2.absmax)
-            offsets.append(state.offset.reshape(()))
-        states[name] = (tuple(weight.shape[1:]), weight.dtype, state.state2.blocksize)
         del experts._parameters[name]  # the full-precision weight goes (with the model's last reference to it)
+        _quantize_parameter(experts, name, weight, target)
         weight = None
-        experts.register_parameter(name, nn.Parameter(torch.stack(packed), requires_grad=False))
-        experts.register_buffer(f"{name}_absmax", torch.stack(absmax))
-        experts.register_buffer(f"{name}_absmax2", torch.stack(absmax2))
-        experts.register_buffer(f"{name}_offset", torch.stack(offsets))
-        experts.register_buffer("nf4_code", state.code)
-        experts.register_buffer("nf4_code2", state.state2.code)
-    setattr(experts, NF4, states)
-    experts.__class__ = _quantized_class(type(experts))
+
+
+def _quantize_parameter(experts: nn.Module, name: str, weight: torch.Tensor, device) -> nn.Parameter:
+    """Store projection `name` of `experts` from its full-precision stack `weight` (experts x ... x ...) as NF4, one
+    expert at a time on `device`: the packed codes become the (frozen) parameter `name`, the statistics buffers. Once
+    every projection is stored, the module is marked quantized and takes the per-expert forward. Returns the
+    parameter."""
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, absmax, absmax2, offsets = [], [], [], []
+    for expert in range(weight.shape[0]):
+        data, state = quantize_4bit(
+            weight[expert].detach().to(device).contiguous(),
+            blocksize=BLOCKSIZE,
+            compress_statistics=True,
+            quant_type="nf4",
+        )
+        packed.append(data.view(-1))
+        absmax.append(state.absmax)
+        absmax2.append(state.state2.absmax)
+        offsets.append(state.offset.reshape(()))
+    experts._parameters.pop(name, None)
+    parameter = nn.Parameter(torch.stack(packed), requires_grad=False)
+    experts.register_parameter(name, parameter)
+    experts.register_buffer(f"{name}_absmax", torch.stack(absmax))
+    experts.register_buffer(f"{name}_absmax2", torch.stack(absmax2))
+    experts.register_buffer(f"{name}_offset", torch.stack(offsets))
+    experts.register_buffer("nf4_code", state.code)
+    experts.register_buffer("nf4_code2", state.state2.code)
+    states = experts.__dict__.setdefault(PENDING, {})
+    states[name] = (tuple(weight.shape[1:]), weight.dtype, state.state2.blocksize)
+    if all(projection in states for projection in EXPERT_PARAMETERS):
+        setattr(experts, NF4, experts.__dict__.pop(PENDING))
+        experts.__class__ = _quantized_class(type(experts))
+    return parameter
+
+
+@contextlib.contextmanager
+def experts_quantized_at_load():
+    """While open, a from_pretrained with bitsandbytes' 4-bit config also stores the routed experts in NF4 as each
+    layer's experts load (`ExpertsNF4Quantizer`), so the full-precision expert stack of the whole model is never held,
+    only one layer's projection at a time. Outside it, transformers' own 4-bit quantizer is back."""
+    from transformers.quantizers import auto
+
+    own = auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"]
+    auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"] = _experts_quantizer(own)
+    try:
+        yield
+    finally:
+        auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"] = own
+
+
+@functools.cache
+def _experts_quantizer(base):
+    """transformers' bitsandbytes 4-bit quantizer that also quantizes the 3-D routed-expert parameters on load: the
+    nn.Linear layers go to bitsandbytes as before; each experts projection, once transformers has gathered it (the
+    hub checkpoints store one tensor per expert, fused into the stack as they load), goes to `_quantize_parameter`
+    on the device the stack was gathered on (the one its layer is placed on)."""
+
+    class ExpertsOrLinearQuantize:
+        def __init__(self, quantizer):
+            self.linear = base.get_quantize_ops(quantizer)
+
+        def convert(self, input_dict, model=None, **kwargs):
+            result = {}
+            for name, value in input_dict.items():
+                value = value[0] if isinstance(value, list) else value
+                experts, projection = _expert_projection(model, name)
+                if experts is None:
+                    result.update(self.linear.convert({name: value}, model=model, **kwargs))
+                else:
+                    result[name] = _quantize_parameter(experts, projection, value, value.device)
+                    experts._is_hf_initialized = True
+            return result
+
+    class ExpertsNF4Quantizer(base):
+        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+            return _expert_projection(model, param_name)[0] is not None or super().param_needs_quantization(
+                model, param_name, **kwargs
+            )
+
+        def get_quantize_ops(self):
+            return ExpertsOrLinearQuantize(self)
+
+    return ExpertsNF4Quantizer
+
+
+def _expert_projection(model, param_name: str):
+    """(the routed-experts module, the projection) when `param_name` is one of their weights, else (None, None)."""
+    module_name, _, projection = param_name.rpartition(".")
+    if projection not in EXPERT_PARAMETERS:
+        return None, None
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None, None
+    stored = module._parameters.get(projection)
+    if is_quantized(module) or projection in module.__dict__.get(PENDING, {}):
+        return module, projection
+    if isinstance(stored, nn.Parameter) and stored.dim() == 3:
+        return module, projection
+    return None, None
 
 
 def expert_weight(experts: nn.Module, name: str, expert: int) -> torch.Tensor:

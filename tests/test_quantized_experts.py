@@ -99,6 +99,107 @@ def test_four_bit_experts_take_under_a_third_of_the_bytes(name, dtype):
     assert math.isclose(after * 8 / weights, 4 + 8 / 64 + 32 / (64 * 256), rel_tol=0.03)
 
 
+def four_bit_config():
+    from glm_sft.arguments import ModelArguments
+    from glm_sft.methods import quantization_config
+
+    return quantization_config(ModelArguments(finetuning_type="qlora"))
+
+
+def expert_tensors(model) -> list[dict]:
+    return [dict([*experts.named_parameters(), *experts.named_buffers()]) for experts in routed_experts(model)]
+
+
+def fused_checkpoint(name, folder):
+    """`name` saved with each layer's experts as the fused 3-D stacks transformers v5 holds (the hub checkpoints store
+    one tensor per expert, which the built-in models keep)."""
+    from safetensors.torch import save_file
+
+    model = load_model(name, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, folder / "model.safetensors")
+    return str(folder)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_experts_go_to_four_bit_as_they_load_as_they_would_after(name, layout, tmp_path):
+    """load_model with the QLoRA config stores the routed experts in NF4 during the load; the codes and statistics
+    are the very ones quantizing the loaded bf16 experts gives, from either checkpoint layout."""
+    location = name if layout == "per-expert" else fused_checkpoint(name, tmp_path)
+    at_load = load_model(location, dtype=torch.bfloat16, quantization=four_bit_config())
+    after = load_model(location, dtype=torch.bfloat16)
+    assert quantize_experts(after) == 1 and quantize_experts(at_load) == 0  # nothing left to quantize
+    assert [type(experts) for experts in routed_experts(at_load)] == [type(m) for m in routed_experts(after)]
+    for got, want in zip(expert_tensors(at_load), expert_tensors(after), strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert {p.dtype for experts in routed_experts(at_load) for p in experts.parameters()} == {torch.uint8}
+
+
+def full_precision_stacks(model, being_quantized) -> list[str]:
+    """The expert projections `model` holds in full precision (loaded, not 4-bit), but the one `being_quantized`."""
+    return [
+        f"{index}.{name}"
+        for index, experts in enumerate(routed_experts(model))
+        for name in EXPERT_PARAMETERS
+        if (experts, name) != being_quantized
+        and (stack := experts._parameters.get(name)) is not None
+        and stack.is_floating_point()
+        and stack.device.type != "meta"
+    ]
+
+
+def test_a_load_never_holds_two_full_precision_expert_stacks(tmp_path, monkeypatch):
+    """With three MoE layers: whenever an expert projection is quantized during the load, every other one in the model
+    is still unloaded (meta) or already 4-bit. The control, quantizing after a bf16 load, finds the others held."""
+    from transformers import AutoModelForCausalLM
+
+    import glm_sft.quantized_experts as module
+
+    config = load_model("builtin:tiny-glm45").config
+    config.num_hidden_layers, config.first_k_dense_replace = 4, 1
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    loading, held = {}, []
+    find, quantize = module._expert_projection, module._quantize_parameter
+
+    def remember(model, param_name):  # the quantizer asks about each weight with the model being loaded
+        loading["model"] = model
+        return find(model, param_name)
+
+    def watched(experts, name, weight, device):
+        held.append(full_precision_stacks(loading["model"], (experts, name)))
+        return quantize(experts, name, weight, device)
+
+    monkeypatch.setattr(module, "_expert_projection", remember)
+    monkeypatch.setattr(module, "_quantize_parameter", watched)
+    model = load_model(str(tmp_path), dtype=torch.bfloat16, quantization=four_bit_config())
+    assert held == [[]] * (3 * len(EXPERT_PARAMETERS))
+    assert len(routed_experts(model)) == 3 and all(is_quantized(experts) for experts in routed_experts(model))
+
+    held.clear()
+    loading["model"] = load_model(str(tmp_path), dtype=torch.bfloat16)
+    quantize_experts(loading["model"])
+    assert len(held[0]) >= 2 * len(EXPERT_PARAMETERS) and held[-1] == []  # at first the other layers' are all held
+
+
+def test_the_experts_quantizer_is_only_in_place_inside_its_block():
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    from glm_sft.quantized_experts import experts_quantized_at_load
+
+    own = AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"]
+    with pytest.raises(RuntimeError), experts_quantized_at_load():
+        assert issubclass(AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"], own)
+        assert AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"] is not own
+        raise RuntimeError("a load that fails")
+    assert AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"] is own
+
+
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
     """(output dir, quantized experts modules) of a 2-step QLoRA run on the tiny GLM-4.5 model, in this process."""
@@ -108,7 +209,11 @@ def qlora_run(tmp_path_factory):
     quantize = module.quantize_experts
     output_dir = tmp_path_factory.mktemp("qlora-moe") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "quantize_experts", lambda model: calls.append(quantize(model)) or calls[-1])
+        patch.setattr(
+            module,
+            "quantize_experts",
+            lambda model: calls.append((sum(map(is_quantized, routed_experts(model))), quantize(model))) or 0,
+        )
         train_in_process(
             "--config", "recipes/demo.yaml", "--model_name_or_path", "builtin:tiny-glm45",
             "--finetuning_type", "qlora", "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "3e-3",
@@ -121,7 +226,7 @@ def test_qlora_run_on_four_bit_experts_trains_saves_and_loads(qlora_run):
     from peft import PeftModel
 
     output_dir, calls = qlora_run
-    assert calls == [1]  # the tiny model's one MoE layer went to 4-bit before training
+    assert calls == [(1, 0)]  # the tiny model's one MoE layer went to 4-bit as it loaded, none was left after
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
