@@ -2,7 +2,8 @@
 released configs), LoRA r8 on all linear layers, max_length 2048; the trl, trl_tuned and ours arms of
 train_throughput.py, with and without gradient checkpointing, and ours with glm_sft.kernels; the GLM-4.7-Flash shape
 (its real widths, 8 of its 47 layers) with trl_tuned (PEFT's own MoE LoRA), ours (bf16 LoRA) and ours_qlora (QLoRA,
-routed experts in 4-bit NF4), checkpointing on; then a profile of one step of ours (where the time goes).
+routed experts in 4-bit NF4), checkpointing on; the peak memory of a QLoRA load of that shape, the experts quantized as
+they load and after (qlora_load.py); then a profile of one step of ours (where the time goes).
 
 python benchmarks/gpu_throughput.py                          # on a GPU machine: about 40 minutes on one H100
 python benchmarks/gpu_throughput.py --dry_run                # on the CPU: the same steps at the tiny size, seconds
@@ -80,6 +81,21 @@ def profile_step(args, out_dir: Path) -> str:
     return (out_dir / "profile.txt").read_text() if (out_dir / "profile.txt").exists() else "no profile written"
 
 
+def qlora_load_section(args, out_dir: Path) -> str:
+    """qlora_load.py on the first MoE shape: the peak memory of a QLoRA load with the experts quantized as they load,
+    against after it."""
+    import qlora_load
+
+    command = ["--model", args.moe_models[0], "--output", str(out_dir / "qlora-load.json")]
+    command += ["--layers", "2"] if args.dry_run else []
+    print(f"== qlora-load: python benchmarks/qlora_load.py {' '.join(command)}", flush=True)
+    report = qlora_load.run_all(qlora_load.parse_args(command))
+    Path(command[3]).write_text(json.dumps(report, indent=2) + "\n")
+    text = qlora_load.table(report)
+    print(text, flush=True)
+    return f"### qlora-load\n\n`python benchmarks/qlora_load.py {' '.join(command)}`\n\n```\n{text}\n```\n"
+
+
 def main(argv=None):
     import train_throughput
 
@@ -103,6 +119,8 @@ def main(argv=None):
         sections.append(
             f"### {name}\n\n`python benchmarks/train_throughput.py {' '.join(command)}`\n\n```\n{text}\n```\n"
         )
+    if args.moe_models:
+        sections.append(qlora_load_section(args, out_dir))
     profile = profile_step(args, out_dir)
     sections.append(f"### Profile of one step of ours ({args.models[0]}, checkpointing off)\n\n```\n{profile}\n```\n")
     header = (

@@ -5,8 +5,9 @@
 The model is built on the meta device from the released config.json values below (nothing is downloaded, no GPU):
 the routed experts (glm_sft.quantized_experts) and the nn.Linear layers (bitsandbytes) in NF4 with double
 quantization (per 64 weights: 32 bytes of 4-bit codes and one uint8 absmax; per 256 absmax one fp32: about 4.13 bits
-a weight), the rest as QLoRA keeps it in bf16: embeddings, the LM head, norms, the router, biases. A count of stored
-weights, not a GPU measurement: activations, LoRA factors, their optimizer state and the CUDA context come on top.
+a weight), the rest in bf16 as it loads: embeddings, the LM head, norms, the router, biases (in training, PEFT's k-bit
+preparation casts that rest to fp32). A count of stored weights, not a GPU measurement: activations, LoRA factors,
+their optimizer state and the CUDA context come on top.
 """
 
 import sys
@@ -95,7 +96,7 @@ def count(values: dict) -> dict:
         "linear": nf4_bytes(sizes["linear"]),
         "bf16": 2 * sizes["bf16"],
     }
-    return {"parameters": sizes, "bytes": stored}
+    return {"parameters": sizes, "bytes": stored, "moe_layers": len(routed_experts(model))}
 
 
 def main() -> None:
@@ -110,6 +111,10 @@ def main() -> None:
         print(f"-> {stored['bf16'] / 1e9:.2f} GB")
         weights = sum(stored.values())
         print(f"  weights with 4-bit experts: {weights / 1e9:.2f} GB ({weights / 2**30:.2f} GiB)")
+        training = weights + stored["bf16"]
+        print(f"  in training: {training / 1e9:.2f} GB (PEFT's k-bit preparation keeps the bf16 rest in fp32)")
+        layer = 2 * sizes["experts"] / result["moe_layers"]
+        print(f"  one MoE layer's routed experts in bf16: {layer / 1e9:.2f} GB (a QLoRA load gathers them per layer)")
         without = 2 * sizes["experts"] + stored["linear"] + stored["bf16"]
         print(f"  QLoRA with bf16 experts (before): {without / 1e9:.2f} GB; all bf16: {2 * total / 1e9:.2f} GB")
 

@@ -47,7 +47,7 @@ def _quantize_module(experts: nn.Module, device) -> None:
     for name in EXPERT_PARAMETERS:
         weight = experts._parameters[name]
         target = torch.device(device) if device is not None else weight.device
-        del experts._parameters[name]  # the full-precision weight goes (with the model's last reference to it)
+        experts._parameters[name] = None  # the full-precision weight goes (with the model's last reference to it)
         _quantize_parameter(experts, name, weight, target)
         weight = None
 
@@ -71,9 +71,10 @@ def _quantize_parameter(experts: nn.Module, name: str, weight: torch.Tensor, dev
         absmax.append(state.absmax)
         absmax2.append(state.state2.absmax)
         offsets.append(state.offset.reshape(()))
-    experts._parameters.pop(name, None)
     parameter = nn.Parameter(torch.stack(packed), requires_grad=False)
-    experts.register_parameter(name, parameter)
+    # In the place the weight had among the module's parameters: PEFT nests one wrapper per targeted parameter in
+    # that order, which fixes the adapter's keys.
+    experts._parameters[name] = parameter
     experts.register_buffer(f"{name}_absmax", torch.stack(absmax))
     experts.register_buffer(f"{name}_absmax2", torch.stack(absmax2))
     experts.register_buffer(f"{name}_offset", torch.stack(offsets))

@@ -96,7 +96,8 @@ def test_tokenize_benchmark_compares_the_same_rows(tmp_path):
 def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     """Every table's steps (the dense arms themselves: test_throughput_benchmark_...). The MoE table is
     `train_throughput.py --model tiny-moe` in the dry run: PEFT's own MoE LoRA (trl_tuned), ours and ours_qlora on
-    the same rows and LoRA scope; the 4-bit experts hold under 0.3x the bytes, and every arm learns the same."""
+    the same rows and LoRA scope; the 4-bit experts hold under 0.3x the bytes, and every arm learns the same. Then a
+    QLoRA load of that shape with the experts quantized as they load and after (qlora_load.py)."""
     result = run_script(
         "benchmarks/gpu_throughput.py",
         "--dry_run",
@@ -116,6 +117,13 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
         assert abs(moe[name]["vs_trl_tuned"]["final_loss"]) < 0.01, moe[name]["vs_trl_tuned"]
     for name in ("tiny-checkpointing-on", "tiny-checkpointing-off", "tiny-ours-kernels", "tiny-moe-lora-qlora"):
         assert f"### {name}" in tables and (tmp_path / f"{name}.json").exists()
+    # The QLoRA load of the MoE shape, both ways: the same 4-bit experts and weights, however much memory each took.
+    load = json.loads((tmp_path / "qlora-load.json").read_text())
+    assert "### qlora-load" in tables and load["model"] == "tiny-moe" and load["layers"] == 2
+    routes = load["routes"]
+    assert routes["at_load"]["weight_bytes"] == routes["after_load"]["weight_bytes"] > 0
+    assert load["at_load_vs_after_load"]["same_expert_codes"] is True
+    assert all(route["peak_load_memory_mb"] > 0 for route in routes.values())
     kernels = json.loads((tmp_path / "tiny-ours-kernels.json").read_text())["arms"]["ours"]
     assert kernels["kernels"] == []  # the CPU: not in place
     assert "Profile of one step" in tables and "self_cpu_time_total" in tables

@@ -133,6 +133,10 @@ def test_experts_go_to_four_bit_as_they_load_as_they_would_after(name, layout, t
     after = load_model(location, dtype=torch.bfloat16)
     assert quantize_experts(after) == 1 and quantize_experts(at_load) == 0  # nothing left to quantize
     assert [type(experts) for experts in routed_experts(at_load)] == [type(m) for m in routed_experts(after)]
+    # The parameters in the same order too: PEFT nests one expert wrapper per parameter in it (the adapter's keys).
+    assert [list(experts._parameters) for experts in routed_experts(at_load)] == [
+        list(experts._parameters) for experts in routed_experts(after)
+    ]
     for got, want in zip(expert_tensors(at_load), expert_tensors(after), strict=True):
         assert got.keys() == want.keys()
         for key in want:
