@@ -9,6 +9,11 @@ parameter of the same name, and the quantization statistics as buffers, so `mode
 forward (glm_sft.experts) dequantizes one expert at a time, only the experts the tokens are routed to; the gradient
 flows through the dequantized weight to the input and to the expert LoRA, never to the weight.
 
+A QLoRA load (glm_sft.loading.load_model with the 4-bit config) quantizes the experts as they load
+(`experts_quantized_at_load`): from a checkpoint with one tensor per expert, as the hub's are, each expert is read just
+before it is quantized, so the load never holds more than one expert in full precision beside the 4-bit weights (one
+layer's stack, from a checkpoint that stores the stacks). `quantize_experts` does the same for a model already loaded.
+
 The module keeps its class's behaviour with a forward of glm_sft.experts (a subclass made once per class), so an
 experts module that no LoRA targets runs as well. Export merges an adapter trained here into the base loaded again in
 full precision (export.py does this for every QLoRA adapter): the 4-bit weights are never saved.
@@ -48,25 +53,27 @@ def _quantize_module(experts: nn.Module, device) -> None:
         weight = experts._parameters[name]
         target = torch.device(device) if device is not None else weight.device
         experts._parameters[name] = None  # the full-precision weight goes (with the model's last reference to it)
-        _quantize_parameter(experts, name, weight, target)
+        _quantize_parameter(experts, name, (weight[expert] for expert in range(weight.shape[0])), target)
         weight = None
 
 
-def _quantize_parameter(experts: nn.Module, name: str, weight: torch.Tensor, device) -> nn.Parameter:
-    """Store projection `name` of `experts` from its full-precision stack `weight` (experts x ... x ...) as NF4, one
-    expert at a time on `device`: the packed codes become the (frozen) parameter `name`, the statistics buffers. Once
-    every projection is stored, the module is marked quantized and takes the per-expert forward. Returns the
-    parameter."""
+def _quantize_parameter(experts: nn.Module, name: str, weights, device) -> nn.Parameter:
+    """Store projection `name` of `experts` as NF4 from `weights`, its experts' full-precision weights in order (an
+    iterable, so a caller can produce each one only when it is needed), quantized one at a time on `device`: the
+    packed codes become the (frozen) parameter `name`, the statistics buffers. Once every projection is stored, the
+    module is marked quantized and takes the per-expert forward. Returns the parameter."""
     from bitsandbytes.functional import quantize_4bit
 
     packed, absmax, absmax2, offsets = [], [], [], []
-    for expert in range(weight.shape[0]):
+    for weight in weights:
+        shape, dtype = tuple(weight.shape), weight.dtype
         data, state = quantize_4bit(
-            weight[expert].detach().to(device).contiguous(),
+            weight.detach().to(device).contiguous(),
             blocksize=BLOCKSIZE,
             compress_statistics=True,
             quant_type="nf4",
         )
+        weight = None
         packed.append(data.view(-1))
         absmax.append(state.absmax)
         absmax2.append(state.state2.absmax)
@@ -81,7 +88,7 @@ def _quantize_parameter(experts: nn.Module, name: str, weight: torch.Tensor, dev
     experts.register_buffer("nf4_code", state.code)
     experts.register_buffer("nf4_code2", state.state2.code)
     states = experts.__dict__.setdefault(PENDING, {})
-    states[name] = (tuple(weight.shape[1:]), weight.dtype, state.state2.blocksize)
+    states[name] = (shape, dtype, state.state2.blocksize)
     if all(projection in states for projection in EXPERT_PARAMETERS):
         setattr(experts, NF4, experts.__dict__.pop(PENDING))
         experts.__class__ = _quantized_class(type(experts))
@@ -90,9 +97,10 @@ def _quantize_parameter(experts: nn.Module, name: str, weight: torch.Tensor, dev
 
 @contextlib.contextmanager
 def experts_quantized_at_load():
-    """While open, a from_pretrained with bitsandbytes' 4-bit config also stores the routed experts in NF4 as each
-    layer's experts load (`ExpertsNF4Quantizer`), so the full-precision expert stack of the whole model is never held,
-    only one layer's projection at a time. Outside it, transformers' own 4-bit quantizer is back."""
+    """While open, a from_pretrained with bitsandbytes' 4-bit config also stores the routed experts in NF4 as they
+    load (`_experts_quantizer`), so the model's full-precision experts are never held: one expert's at a time (one
+    layer's projection from a checkpoint that stores the stacks). Outside it, transformers' own 4-bit quantizer is
+    back."""
     from transformers.quantizers import auto
 
     own = auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"]
@@ -105,10 +113,35 @@ def experts_quantized_at_load():
 
 @functools.cache
 def _experts_quantizer(base):
-    """transformers' bitsandbytes 4-bit quantizer that also quantizes the 3-D routed-expert parameters on load: the
-    nn.Linear layers go to bitsandbytes as before; each experts projection, once transformers has gathered it (the
-    hub checkpoints store one tensor per expert, fused into the stack as they load), goes to `_quantize_parameter`
-    on the device the stack was gathered on (the one its layer is placed on)."""
+    """transformers' bitsandbytes 4-bit quantizer that also stores the 3-D routed-expert parameters in NF4 as they
+    load; the nn.Linear layers go to bitsandbytes as before.
+
+    The hub checkpoints store one tensor per expert, which transformers would read for a whole layer and stack (and,
+    for gate_up_proj, concatenate) into the layer's bf16 experts: those merges become `_ExpertsToNF4`, which reads
+    each expert's tensors only when it quantizes that expert. A checkpoint that stores the stacks whole loads each
+    stack, which is then quantized expert by expert. Either way on the device the layer is placed on."""
+    from transformers.core_model_loading import Concatenate, ConversionOps, MergeModulelist, WeightConverter
+
+    class ExpertsToNF4(ConversionOps):
+        """One layer's expert projection from its per-expert checkpoint tensors: expert by expert, read (gate and up
+        joined along their output rows, as the stack's Concatenate(dim=1) joins them) and quantized."""
+
+        def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, model=None, **kwargs):
+            pieces = [input_dict.pop(pattern) for pattern in source_patterns if pattern in input_dict]
+            experts, projection = _expert_projection(model, full_layer_name)
+
+            def weights():
+                for expert in range(len(pieces[0])):
+                    parts = [_read(piece, expert) for piece in pieces]
+                    yield parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+            return {target_patterns[0]: _quantize_parameter(experts, projection, weights(), None)}
+
+    class LazyExpertsConverter(WeightConverter):
+        """A per-expert merge whose tensors are handed over still unread (to ExpertsToNF4)."""
+
+        def materialize_tensors(self):
+            return {key: list(self.collected_tensors.pop(key)) for key in list(self.collected_tensors)}
 
     class ExpertsOrLinearQuantize:
         def __init__(self, quantizer):
@@ -121,10 +154,22 @@ def _experts_quantizer(base):
                 experts, projection = _expert_projection(model, name)
                 if experts is None:
                     result.update(self.linear.convert({name: value}, model=model, **kwargs))
+                elif getattr(experts, projection) is value:  # stored already, by ExpertsToNF4
+                    result[name] = value
                 else:
-                    result[name] = _quantize_parameter(experts, projection, value, value.device)
-                    experts._is_hf_initialized = True
+                    result[name] = _quantize_parameter(experts, projection, iter(value), value.device)
+                experts = value = None
             return result
+
+    def per_expert_merge(converter) -> bool:
+        """A merge of per-expert tensors into one expert projection, as transformers' MoE mappings write it."""
+        operations = [(type(op), getattr(op, "dim", None)) for op in converter.operations]
+        targets = converter._original_target_patterns
+        return (
+            len(targets) == 1
+            and targets[0].rpartition(".")[2] in EXPERT_PARAMETERS
+            and operations in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)])
+        )
 
     class ExpertsNF4Quantizer(base):
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -135,7 +180,33 @@ def _experts_quantizer(base):
         def get_quantize_ops(self):
             return ExpertsOrLinearQuantize(self)
 
+        def update_weight_conversions(self, weight_conversions, model):
+            converted = []
+            for converter in super().update_weight_conversions(weight_conversions, model):
+                if type(converter) is WeightConverter and per_expert_merge(converter):
+                    lazy = LazyExpertsConverter(
+                        source_patterns=converter._original_source_patterns,
+                        target_patterns=converter._original_target_patterns,
+                        operations=[ExpertsToNF4()],
+                        force_cpu=converter.force_cpu,
+                    )
+                    lazy.scope_prefix, lazy.base_model_prefix = converter.scope_prefix, converter.base_model_prefix
+                    converter = lazy
+                converted.append(converter)
+            return converted
+
     return ExpertsNF4Quantizer
+
+
+def _read(pieces: list, index: int) -> torch.Tensor:
+    """Entry `index` of a converter's collected tensors, read now if it was left unread (a Future of the loader's
+    threads, or the call that reads it); the list lets it go."""
+    from concurrent.futures import Future
+
+    piece, pieces[index] = pieces[index], None
+    if isinstance(piece, Future):
+        return piece.result()
+    return piece() if callable(piece) else piece
 
 
 def _expert_projection(model, param_name: str):

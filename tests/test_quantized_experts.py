@@ -191,6 +191,33 @@ def test_a_load_never_holds_two_full_precision_expert_stacks(tmp_path, monkeypat
     assert len(held[0]) >= 2 * len(EXPERT_PARAMETERS) and held[-1] == []  # at first the other layers' are all held
 
 
+def test_a_per_expert_checkpoint_is_read_one_expert_at_a_time(monkeypatch):
+    """The hub's layout (one tensor per expert, gate and up apart): each expert's tensors are read from the checkpoint
+    just before that expert is quantized, so a load holds one expert's full-precision weights, not a layer's."""
+    import glm_sft.quantized_experts as module
+
+    events, read, quantize = [], module._read, module._quantize_parameter
+
+    def reading(pieces, index):
+        events.append("r")
+        return read(pieces, index)
+
+    def quantizing(experts, name, weights, device):
+        def taken():
+            for weight in weights:
+                events.append("q")
+                yield weight
+
+        events.append(f"[{name}]")
+        return quantize(experts, name, taken(), device)
+
+    monkeypatch.setattr(module, "_read", reading)
+    monkeypatch.setattr(module, "_quantize_parameter", quantizing)
+    model = load_model("builtin:tiny-glm45", dtype=torch.bfloat16, quantization=four_bit_config())
+    count = model.config.n_routed_experts
+    assert sorted("".join(events).split("[")[1:]) == ["down_proj]" + "rq" * count, "gate_up_proj]" + "rrq" * count]
+
+
 def test_the_experts_quantizer_is_only_in_place_inside_its_block():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
