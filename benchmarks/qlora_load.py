@@ -58,12 +58,8 @@ def write_checkpoint(args, folder: Path) -> dict:
         if "mlp_layer_types" in shape:  # GLM-4.7-Flash: layer 0 dense, as released
             shape["mlp_layer_types"] = ["dense"] + ["sparse"] * (args.layers - 1)
         train_throughput.MODELS[args.model] = shape
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 at once (a GLM-4.7-Flash shape in fp32 would not fit)
-    try:
-        model = train_throughput.build_model(argparse.Namespace(model=args.model, max_length=128))
-    finally:
-        torch.set_default_dtype(default)
+    model = train_throughput.build_model(argparse.Namespace(model=args.model, max_length=128), dtype=torch.bfloat16)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     model.save_pretrained(folder)
     return {"parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers}
 

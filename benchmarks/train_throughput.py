@@ -191,8 +191,8 @@ def recipe_argv(args, output_dir: str) -> list[str]:
     ]  # fmt: skip
 
 
-def build_model(args):
-    """A GLM model with random weights in the shape of --model; bf16 on a GPU, fp32 on the CPU.
+def build_model(args, dtype=None):
+    """A GLM model with random weights in the shape of --model; bf16 on a GPU, fp32 on the CPU (or `dtype`).
 
     The config starts from the built-in tiny model of the family, so its token ids agree with the tokenizer.
     """
@@ -209,14 +209,12 @@ def build_model(args):
     if args.model != "tiny":
         config.initializer_range = 0.02  # the released checkpoints' value
     torch.manual_seed(0)
+    # The dtype is passed: from_config takes the config's (float32 in the built-in models), not torch's default.
     if torch.cuda.is_available():
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config)
-        torch.set_default_dtype(default)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.bfloat16)
     else:
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     return model
 
 
