@@ -39,6 +39,12 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="layers (default: 16 for tiny-moe, else the shape's)")
     parser.add_argument("--work", default=None, help="where the checkpoint goes (default: a temporary folder)")
     parser.add_argument("--output", default="qlora_load.json")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="both routes in this process, one after the other: checks the steps (gpu_throughput's dry run); the "
+        "memory figures are then not comparable",
+    )
     parser.add_argument("--route", choices=ROUTES, help=argparse.SUPPRESS)  # one route, in a fresh process
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -162,6 +168,9 @@ def run_all(args) -> dict:
             shape = {"layers": json.loads((work / "config.json").read_text()).get("num_hidden_layers")}
         routes = {}
         for route in ROUTES:
+            if args.in_process:
+                routes[route] = run_route(argparse.Namespace(route=route, work=str(work)))
+                continue
             with tempfile.NamedTemporaryFile(suffix=".json") as result:
                 command = [sys.executable, __file__, "--route", route, "--work", str(work), "--result", result.name]
                 done = subprocess.run(command, cwd=REPO, text=True, capture_output=True)
@@ -175,6 +184,7 @@ def run_all(args) -> dict:
     return {
         "model": args.model,
         **shape,
+        "in_process": args.in_process,
         "device": at["device"],
         "routes": routes,
         "at_load_vs_after_load": {
@@ -186,7 +196,8 @@ def run_all(args) -> dict:
 
 def table(report) -> str:
     lines = [
-        f"{report['model']}, {report['layers']} layers, on {report['device']}",
+        f"{report['model']}, {report['layers']} layers, on {report['device']}"
+        + (" (both routes in one process: the memory figures are not comparable)" if report["in_process"] else ""),
         "| route | peak load memory | weights held after | experts | seconds |",
         "|---|---|---|---|---|",
     ]

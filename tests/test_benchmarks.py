@@ -123,7 +123,8 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     routes = load["routes"]
     assert routes["at_load"]["weight_bytes"] == routes["after_load"]["weight_bytes"] > 0
     assert load["at_load_vs_after_load"]["same_expert_codes"] is True
-    assert all(route["peak_load_memory_mb"] > 0 for route in routes.values())
+    assert load["in_process"] is True  # the dry run checks the steps: its memory figures are not comparable
+    assert all(route["peak_load_memory_mb"] >= 0 and route["seconds"] > 0 for route in routes.values())
     kernels = json.loads((tmp_path / "tiny-ours-kernels.json").read_text())["arms"]["ours"]
     assert kernels["kernels"] == []  # the CPU: not in place
     assert "Profile of one step" in tables and "self_cpu_time_total" in tables
