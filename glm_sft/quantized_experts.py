@@ -188,7 +188,9 @@ def _experts_quantizer(base):
                         source_patterns=converter._original_source_patterns,
                         target_patterns=converter._original_target_patterns,
                         operations=[ExpertsToNF4()],
-                        force_cpu=converter.force_cpu,
+                        # No detour through the CPU for this merge: one expert is read at a time, and the loader
+                        # would move only the packed parameter to the device afterwards, not its statistics.
+                        force_cpu=False,
                     )
                     lazy.scope_prefix, lazy.base_model_prefix = converter.scope_prefix, converter.base_model_prefix
                     converter = lazy
