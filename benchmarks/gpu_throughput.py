@@ -86,11 +86,12 @@ def qlora_load_section(args, out_dir: Path) -> str:
     against after it."""
     import qlora_load
 
-    command = ["--model", args.moe_models[0], "--output", str(out_dir / "qlora-load.json")]
+    output = out_dir / "qlora-load.json"
+    command = ["--model", args.moe_models[0], "--output", str(output)]
     command += ["--layers", "2", "--in_process"] if args.dry_run else []
     print(f"== qlora-load: python benchmarks/qlora_load.py {' '.join(command)}", flush=True)
     report = qlora_load.run_all(qlora_load.parse_args(command))
-    Path(command[3]).write_text(json.dumps(report, indent=2) + "\n")
+    output.write_text(json.dumps(report, indent=2) + "\n")
     text = qlora_load.table(report)
     print(text, flush=True)
     return f"### qlora-load\n\n`python benchmarks/qlora_load.py {' '.join(command)}`\n\n```\n{text}\n```\n"

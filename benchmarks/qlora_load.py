@@ -58,13 +58,14 @@ def write_checkpoint(args, folder: Path) -> dict:
     import torch
     import train_throughput
 
-    shape = train_throughput.MODELS[args.model]
-    if args.layers is not None:
+    name, shape = args.model, train_throughput.MODELS[args.model]
+    if args.layers is not None:  # the shape with that many layers, beside it under a name of its own
         shape = dict(shape, num_hidden_layers=args.layers)
         if "mlp_layer_types" in shape:  # GLM-4.7-Flash: layer 0 dense, as released
             shape["mlp_layer_types"] = ["dense"] + ["sparse"] * (args.layers - 1)
-        train_throughput.MODELS[args.model] = shape
-    model = train_throughput.build_model(argparse.Namespace(model=args.model, max_length=128), dtype=torch.bfloat16)
+        name = f"{args.model}-{args.layers}-layers"
+        train_throughput.MODELS[name] = shape
+    model = train_throughput.build_model(argparse.Namespace(model=name, max_length=128), dtype=torch.bfloat16)
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     model.save_pretrained(folder)
     return {"parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers}
@@ -119,6 +120,7 @@ def run_route(args) -> dict:
     import hashlib
 
     import torch
+    import train_throughput
     from transformers import AutoModelForCausalLM
 
     from glm_sft.arguments import ModelArguments
@@ -140,7 +142,7 @@ def run_route(args) -> dict:
     seconds = time.perf_counter() - start
     experts = routed_experts(model)
     assert experts and all(map(is_quantized, experts)), "the routed experts are not in 4-bit"
-    tensors = [*model.parameters(), *model.buffers()]
+    weights, expert_weights = train_throughput.weight_bytes(model)
     codes = hashlib.sha256()
     for module in experts:
         for tensor in module.parameters():
@@ -149,10 +151,8 @@ def run_route(args) -> dict:
         "route": args.route,
         "device": torch.cuda.get_device_name() if cuda else "CPU",
         "peak_load_memory_mb": round(memory.peak / 2**20, 1),
-        "weight_bytes": sum(t.numel() * t.element_size() for t in tensors),
-        "expert_weight_bytes": sum(
-            t.numel() * t.element_size() for module in experts for t in [*module.parameters(), *module.buffers()]
-        ),
+        "weight_bytes": weights,
+        "expert_weight_bytes": expert_weights,
         "seconds": round(seconds, 2),
         "expert_codes_sha256": codes.hexdigest(),
     }

@@ -51,17 +51,16 @@ def quantize_experts(model, device=None) -> int:
 def _quantize_module(experts: nn.Module, device) -> None:
     for name in EXPERT_PARAMETERS:
         weight = experts._parameters[name]
-        target = torch.device(device) if device is not None else weight.device
         experts._parameters[name] = None  # the full-precision weight goes (with the model's last reference to it)
-        _quantize_parameter(experts, name, (weight[expert] for expert in range(weight.shape[0])), target)
+        _quantize_parameter(experts, name, (weight[expert] for expert in range(weight.shape[0])), device)
         weight = None
 
 
 def _quantize_parameter(experts: nn.Module, name: str, weights, device) -> nn.Parameter:
     """Store projection `name` of `experts` as NF4 from `weights`, its experts' full-precision weights in order (an
-    iterable, so a caller can produce each one only when it is needed), quantized one at a time on `device`: the
-    packed codes become the (frozen) parameter `name`, the statistics buffers. Once every projection is stored, the
-    module is marked quantized and takes the per-expert forward. Returns the parameter."""
+    iterable, so a caller can produce each one only when it is needed), quantized one at a time on `device` (None:
+    where each weight is): the packed codes become the (frozen) parameter `name`, the statistics buffers. Once every
+    projection is stored, the module is marked quantized and takes the per-expert forward. Returns the parameter."""
     from bitsandbytes.functional import quantize_4bit
 
     packed, absmax, absmax2, offsets = [], [], [], []
@@ -117,7 +116,7 @@ def _experts_quantizer(base):
     load; the nn.Linear layers go to bitsandbytes as before.
 
     The hub checkpoints store one tensor per expert, which transformers would read for a whole layer and stack (and,
-    for gate_up_proj, concatenate) into the layer's bf16 experts: those merges become `_ExpertsToNF4`, which reads
+    for gate_up_proj, concatenate) into the layer's bf16 experts: those merges become `ExpertsToNF4`, which reads
     each expert's tensors only when it quantizes that expert. A checkpoint that stores the stacks whole loads each
     stack, which is then quantized expert by expert. Either way on the device the layer is placed on."""
     from transformers.core_model_loading import Concatenate, ConversionOps, MergeModulelist, WeightConverter
@@ -157,8 +156,7 @@ def _experts_quantizer(base):
                 elif getattr(experts, projection) is value:  # stored already, by ExpertsToNF4
                     result[name] = value
                 else:
-                    result[name] = _quantize_parameter(experts, projection, iter(value), value.device)
-                experts = value = None
+                    result[name] = _quantize_parameter(experts, projection, iter(value), None)
             return result
 
     def per_expert_merge(converter) -> bool:
