@@ -350,6 +350,7 @@ def _slices(counts):
 
 
 def _weight(experts, name: str, expert: int, dtype):
+    """Expert `expert`'s weight of projection `name`: the parameter's slice, or dequantized to `dtype` if 4-bit."""
     from glm_sft.quantized_experts import expert_weight, is_quantized
 
     if is_quantized(experts):
@@ -397,12 +398,7 @@ def _project_backward(experts, name, expert, grad_outputs, inputs, low_ranks, ro
 
 
 def _expert_linear(experts, name: str, expert: int, inputs, adapters):
-    from glm_sft.quantized_experts import expert_weight, is_quantized
-
-    if is_quantized(experts):
-        weight = expert_weight(experts, name, expert).to(inputs.dtype)
-    else:
-        weight = getattr(experts, name)[expert]
+    weight = _weight(experts, name, expert, inputs.dtype)
     outputs = inputs @ weight if experts.is_transposed else F.linear(inputs, weight)
     if experts.has_bias:
         outputs = outputs + getattr(experts, f"{name}_bias")[expert]
